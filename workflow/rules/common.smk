@@ -1,0 +1,332 @@
+# Configuration validation, wildcard constraints and the small helpers the rules use.
+from pathlib import Path
+
+from fedpsmos.config import validate_config
+from fedpsmos.data.sources import case_ids
+from fedpsmos.organs import ORGANS, labelled_organs
+
+validate_config(config, source="config")
+
+SITES = list(config["sites"])
+FULL_SITES = [s for s in SITES if set(labelled_organs(config["sites"][s]["labels"])) == set(ORGANS)]
+LOSSES = config["losses"]
+COMBINATIONS = LOSSES["combinations"]
+CENTRAL_LOSSES = LOSSES["central"]
+SETTINGS = config["federated"]["settings"]
+DEFAULT_SETTING = config["federated"]["default"]
+ROUNDS_PER_JOB = config["federated"]["rounds_per_job"]
+MODES = config["adaptation"]["modes"]
+EVALUATED = config.get("evaluation", {}).get(
+    "models", ["pretrain", "central", "federated", "site_alone", "adapted"]
+)
+
+
+def _alternatives(names):
+    return "|".join(sorted(names, key=len, reverse=True))
+
+
+wildcard_constraints:
+    site=_alternatives(SITES),
+    losses=_alternatives(COMBINATIONS),
+    setting=_alternatives(SETTINGS),
+    mode="full|decoder|encoder",
+    r=r"\d+",
+    b=r"\d+",
+    case=r"[A-Za-z0-9_.\-]+",
+    model=r"pretrain|site_alone|central/[a-z0-9_]+|federated/[A-Za-z0-9_]+|adapted/(full|decoder|encoder)",
+
+
+# ---------------------------------------------------------------- data
+
+
+def is_synthetic(site):
+    return config["sites"][site]["source"] == "synthetic"
+
+
+def site_root(site):
+    """The raw folder of a site: generated for synthetic sites, the user's folder otherwise."""
+    if is_synthetic(site):
+        return f"results/raw/{site}"
+    return config["sites"][site]["path"]
+
+
+def site_case_ids(site):
+    spec = config["sites"][site].get("synthetic")
+    return case_ids(config["sites"][site]["source"], site_root(site), site=site, spec=spec)
+
+
+def get_raw_site(wildcards):
+    """Synthetic sites depend on their generator rule; real folders are read where they are."""
+    if is_synthetic(wildcards.site):
+        return [f"results/raw/{wildcards.site}"]
+    return []
+
+
+def site_npz(site):
+    return expand("results/preprocessed/{site}/{case}.npz", site=site, case=site_case_ids(site))
+
+
+def get_site_npz(wildcards):
+    return site_npz(wildcards.site)
+
+
+def site_inputs(site):
+    """Everything one site's training reads: its manifest, its preprocessed cases and its patch index."""
+    return {
+        "manifest": f"results/data/{site}/manifest.json",
+        "cases": site_npz(site),
+        "patches": f"results/patches/{site}.parquet",
+    }
+
+
+def site_descriptor(site):
+    """How a training script finds one site's data (paths only)."""
+    return {
+        "site": site,
+        "manifest": f"results/data/{site}/manifest.json",
+        "npz_dir": f"results/preprocessed/{site}",
+        "patches": f"results/patches/{site}.parquet",
+    }
+
+
+def sites_inputs(sites):
+    files = []
+    for site in sites:
+        one = site_inputs(site)
+        files += [one["manifest"], one["patches"], *one["cases"]]
+    return files
+
+
+# ---------------------------------------------------------------- models
+
+
+def site_organs(site):
+    return list(labelled_organs(config["sites"][site]["labels"]))
+
+
+def get_site_data(wildcards):
+    return site_inputs(wildcards.site)
+
+
+def get_site_descriptor(wildcards):
+    return [site_descriptor(wildcards.site)]
+
+
+def get_site_organs(wildcards):
+    return site_organs(wildcards.site)
+
+
+def get_loss(wildcards):
+    return COMBINATIONS[wildcards.losses]
+
+
+def get_model_file(wildcards):
+    """The model checkpoint behind a model id; site-alone and adapted models are one per site."""
+    model = wildcards.model
+    if model == "site_alone":
+        return f"results/models/site_alone/{wildcards.site}/model.pt"
+    if model.startswith("adapted/"):
+        return f"results/models/{model}/{wildcards.site}/model.pt"
+    return f"results/models/{model}/model.pt"
+
+
+# ---------------------------------------------------------------- federated rounds
+
+
+def n_rounds(setting):
+    return SETTINGS[setting]["rounds"]
+
+
+def n_blocks(setting):
+    return -(-n_rounds(setting) // ROUNDS_PER_JOB)
+
+
+def block_rounds(setting, block):
+    first = block * ROUNDS_PER_JOB + 1
+    return first, min(first + ROUNDS_PER_JOB - 1, n_rounds(setting))
+
+
+def get_previous_global(wildcards):
+    return f"results/federated/{wildcards.setting}/round_{int(wildcards.r) - 1}/global.pt"
+
+
+def get_previous_private(wildcards):
+    r = int(wildcards.r)
+    if r == 1:
+        return []
+    return f"results/federated/{wildcards.setting}/private/{wildcards.site}/round_{r - 1}.pt"
+
+
+def get_round_sites(wildcards):
+    return expand(
+        "results/federated/{setting}/round_{r}/{site}.pt",
+        setting=wildcards.setting,
+        r=wildcards.r,
+        site=SITES,
+    )
+
+
+def get_previous_block(wildcards):
+    b = int(wildcards.b)
+    if b == 0:
+        return f"results/federated/{wildcards.setting}/round_0/global.pt"
+    return f"results/federated/{wildcards.setting}/block_{b - 1}.json"
+
+
+def get_block_rounds(wildcards):
+    first, last = block_rounds(wildcards.setting, int(wildcards.b))
+    return {"first_round": first, "last_round": last}
+
+
+def get_federation_end(wildcards):
+    """The last round's files: one global per round (per-round rules) or the last block's record."""
+    setting = wildcards.setting
+    if ROUNDS_PER_JOB == 1:
+        return {
+            "last_global": f"results/federated/{setting}/round_{n_rounds(setting)}/global.pt",
+            "records": expand(
+                "results/federated/{setting}/round_{r}/record.json",
+                setting=setting,
+                r=range(1, n_rounds(setting) + 1),
+            ),
+        }
+    return {"blocks": expand("results/federated/{setting}/block_{b}.json", setting=setting, b=range(n_blocks(setting)))}
+
+
+def get_federated_settings(wildcards):
+    return {"setting": wildcards.setting, **SETTINGS[wildcards.setting]}
+
+
+# ---------------------------------------------------------------- evaluation and paper
+
+
+def evaluated_pairs():
+    """(model id, site) pairs that are predicted and evaluated."""
+    pairs = []
+    for family in EVALUATED:
+        if family == "pretrain":
+            pairs += [("pretrain", s) for s in SITES]
+        elif family == "central":
+            pairs += [(f"central/{c}", s) for c in CENTRAL_LOSSES for s in SITES]
+        elif family == "federated":
+            pairs += [(f"federated/{g}", s) for g in SETTINGS for s in SITES]
+        elif family == "site_alone":
+            pairs += [("site_alone", s) for s in SITES]
+        elif family == "adapted":
+            pairs += [(f"adapted/{m}", s) for m in MODES for s in SITES]
+    return pairs
+
+
+def get_all_metrics(wildcards=None):
+    return [f"results/{model}/{site}/metrics.csv" for model, site in evaluated_pairs()]
+
+
+def get_all_predictions(wildcards=None):
+    return [f"results/{model}/{site}/predictions" for model, site in evaluated_pairs()]
+
+
+def trained_model_dirs():
+    dirs = ["results/models/pretrain"]
+    if "central" in EVALUATED:
+        dirs += [f"results/models/central/{c}" for c in CENTRAL_LOSSES]
+    if "site_alone" in EVALUATED:
+        dirs += [f"results/models/site_alone/{s}" for s in SITES]
+    if "adapted" in EVALUATED:
+        dirs += [f"results/models/adapted/{m}/{s}" for m in MODES for s in SITES]
+    return dirs
+
+
+def get_training_curves(wildcards=None):
+    return [f"{d}/curve.csv" for d in trained_model_dirs()]
+
+
+def get_federated_curves(wildcards=None):
+    if "federated" not in EVALUATED and "adapted" not in EVALUATED:
+        return []
+    return expand("results/models/federated/{setting}/rounds.csv", setting=SETTINGS)
+
+
+def get_federated_benchmarks(wildcards=None):
+    """Snakemake benchmark files of every federated job, for Table 5's training time."""
+    files = {}
+    for setting in SETTINGS:
+        if ROUNDS_PER_JOB == 1:
+            files[setting] = expand(
+                "results/benchmarks/train_site_round/{setting}/round_{r}/{site}.tsv",
+                setting=setting,
+                r=range(1, n_rounds(setting) + 1),
+                site=SITES,
+            ) + expand(
+                "results/benchmarks/aggregate_round/{setting}/round_{r}.tsv",
+                setting=setting,
+                r=range(1, n_rounds(setting) + 1),
+            )
+        else:
+            files[setting] = expand(
+                "results/benchmarks/run_round_block/{setting}/block_{b}.tsv",
+                setting=setting,
+                b=range(n_blocks(setting)),
+            )
+    return files
+
+
+def get_federated_benchmark_list(wildcards=None):
+    if "federated" not in EVALUATED:
+        return []
+    return [f for files in get_federated_benchmarks().values() for f in files]
+
+
+PAPER_TABLES = expand("results/paper/table{n}.{ext}", n=[2, 3, 4, 5, 6], ext=["csv", "md", "tex"])
+PAPER_FIGURES = [
+    "results/paper/fig_dice_per_organ.png",
+    "results/paper/fig_qualitative.png",
+    "results/paper/fig_federated_curves.png",
+    "results/paper/fig_training_curves.png",
+]
+
+
+def get_final_output():
+    return [
+        *PAPER_TABLES,
+        *PAPER_FIGURES,
+        *expand("results/data/{site}/preview.png", site=SITES),
+    ]
+
+
+def get_synthetic_spec(wildcards):
+    return config["sites"][wildcards.site]["synthetic"]
+
+
+def get_site_labels(wildcards):
+    return config["sites"][wildcards.site]["labels"]
+
+
+def get_site_source(wildcards):
+    return config["sites"][wildcards.site]["source"]
+
+
+def get_site_root(wildcards):
+    return site_root(wildcards.site)
+
+
+def get_site_alone_loss(wildcards):
+    """Site-alone baselines use the conventional form of the default combination (their labels are complete
+    for the organs they output)."""
+    return {"marginal": COMBINATIONS[LOSSES["default"]]["marginal"]}
+
+
+def get_adaptation_freeze(wildcards):
+    return wildcards.mode
+
+
+def get_local_iterations(wildcards):
+    return SETTINGS[wildcards.setting]["local_iterations"]
+
+
+def get_block_site_inputs(wildcards):
+    """A block job's inputs: the previous global state and every site's data, each read by its own worker."""
+    inputs = {"previous": get_previous_block(wildcards)}
+    for site in SITES:
+        for key, value in site_inputs(site).items():
+            inputs[f"{site}_{key}"] = value
+    return inputs

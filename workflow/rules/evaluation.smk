@@ -1,0 +1,39 @@
+# Inference on each site's test split, back in the original geometry, and Dice/HD95 per case and organ.
+# Model ids: pretrain, central/{losses}, federated/{setting}, site_alone, adapted/{mode} (docs/architecture.md).
+
+
+rule predict_site:
+    input:
+        unpack(get_site_data),
+        model=get_model_file,
+    output:
+        predictions=directory("results/{model}/{site}/predictions"),
+    log:
+        "logs/predict_site/{model}/{site}.log",
+    benchmark:
+        "results/benchmarks/predict_site/{model}/{site}.tsv"
+    params:
+        patch_size=config["patches"]["size"],
+        step=config["inference"]["step"],
+        mirror=config["inference"]["mirror"],
+    threads: 1
+    resources:
+        gpu=1,
+    script:
+        "../../scripts/predict_site.py"
+
+
+rule evaluate_site:
+    input:
+        predictions="results/{model}/{site}/predictions",
+        manifest="results/data/{site}/manifest.json",
+    output:
+        metrics="results/{model}/{site}/metrics.csv",
+    log:
+        "logs/evaluate_site/{model}/{site}.log",
+    params:
+        labels=get_site_labels,
+        model="{model}",
+        site="{site}",
+    script:
+        "../../scripts/evaluate_site.py"

@@ -1,0 +1,110 @@
+# Federated rounds (FedAvg, McMahan et al. 2017) from M0. Round r: each site trains locally from global r-1 on
+# its own data only and writes round_{r}/{site}.pt; aggregation reads only those weight files and writes
+# round_{r}/global.pt. With federated.rounds_per_job = K > 1, one job runs K rounds (one worker process per
+# site, FedAvg in the coordinating process) and still writes every round's files (docs/federated.md).
+
+
+rule init_federation:
+    input:
+        model="results/models/pretrain/model.pt",
+    output:
+        global_model="results/federated/{setting}/round_0/global.pt",
+    log:
+        "logs/init_federation/{setting}.log",
+    script:
+        "../../scripts/init_federation.py"
+
+
+if ROUNDS_PER_JOB == 1:
+
+    rule train_site_round:
+        input:
+            unpack(get_site_data),
+            global_model=get_previous_global,
+            private=get_previous_private,
+        output:
+            site_model="results/federated/{setting}/round_{r}/{site}.pt",
+            private="results/federated/{setting}/private/{site}/round_{r}.pt",
+        log:
+            "logs/train_site_round/{setting}/round_{r}/{site}.log",
+        benchmark:
+            "results/benchmarks/train_site_round/{setting}/round_{r}/{site}.tsv"
+        params:
+            site="{site}",
+            round="{r}",
+            local_iterations=get_local_iterations,
+            loss=COMBINATIONS[LOSSES["default"]],
+            training=config["training"],
+            patch_size=config["patches"]["size"],
+            seed=config["seed"],
+            attempts=config["federated"]["retries"] + 1,
+            on_site_failure=config["federated"]["on_site_failure"],
+        threads: 1
+        resources:
+            gpu=1,
+        script:
+            "../../scripts/train_site_round.py"
+
+    rule aggregate_round:
+        input:
+            sites=get_round_sites,
+        output:
+            global_model="results/federated/{setting}/round_{r}/global.pt",
+            record="results/federated/{setting}/round_{r}/record.json",
+        log:
+            "logs/aggregate_round/{setting}/round_{r}.log",
+        benchmark:
+            "results/benchmarks/aggregate_round/{setting}/round_{r}.tsv"
+        params:
+            round="{r}",
+            policy=config["federated"]["on_site_failure"],
+        script:
+            "../../scripts/aggregate_round.py"
+
+else:
+
+    rule run_round_block:
+        input:
+            unpack(get_block_site_inputs),
+        output:
+            block="results/federated/{setting}/block_{b}.json",
+        log:
+            "logs/run_round_block/{setting}/block_{b}.log",
+        benchmark:
+            "results/benchmarks/run_round_block/{setting}/block_{b}.tsv"
+        params:
+            rounds=get_block_rounds,
+            setting_dir="results/federated/{setting}",
+            sites=[site_descriptor(s) for s in SITES],
+            local_iterations=get_local_iterations,
+            loss=COMBINATIONS[LOSSES["default"]],
+            training=config["training"],
+            patch_size=config["patches"]["size"],
+            seed=config["seed"],
+            attempts=config["federated"]["retries"] + 1,
+            on_site_failure=config["federated"]["on_site_failure"],
+        threads: len(SITES)
+        resources:
+            gpu=len(SITES),
+        script:
+            "../../scripts/run_round_block.py"
+
+
+rule finalise_federation:
+    input:
+        unpack(get_federation_end),
+    output:
+        model="results/models/federated/{setting}/model.pt",
+        rounds_csv="results/models/federated/{setting}/rounds.csv",
+        rounds_png=report(
+            "results/models/federated/{setting}/rounds.png",
+            caption="../report/federated_curve.rst",
+            category="Training curves",
+        ),
+    log:
+        "logs/finalise_federation/{setting}.log",
+    params:
+        setting_dir="results/federated/{setting}",
+        rounds=get_federated_settings,
+    script:
+        "../../scripts/finalise_federation.py"

@@ -1,0 +1,72 @@
+# The paper's tables (2-6) and figures, rebuilt from whatever metrics exist; `snakemake paper` builds them.
+
+
+rule make_tables:
+    input:
+        metrics=get_all_metrics(),
+        benchmarks=get_federated_benchmark_list(),
+    output:
+        tables=[
+            report(
+                f"results/paper/table{n}.{ext}",
+                caption=f"../report/table{n}.rst",
+                category="Tables",
+            )
+            for n in [2, 3, 4, 5, 6]
+            for ext in ["csv", "md", "tex"]
+        ],
+    log:
+        "logs/make_tables/make_tables.log",
+    params:
+        out_dir="results/paper",
+        central_losses=CENTRAL_LOSSES,
+        margexc=LOSSES["margexc"],
+        default_losses=LOSSES["default"],
+        settings=SETTINGS,
+        default_setting=DEFAULT_SETTING,
+        modes=MODES,
+        benchmarks=get_federated_benchmarks(),
+    script:
+        "../../scripts/make_tables.py"
+
+
+rule make_figures:
+    input:
+        metrics=get_all_metrics(),
+        predictions=get_all_predictions(),
+        manifests=expand("results/data/{site}/manifest.json", site=SITES),
+        curves=get_training_curves(),
+        federated_curves=get_federated_curves(),
+    output:
+        dice=report(
+            "results/paper/fig_dice_per_organ.png",
+            caption="../report/fig_dice_per_organ.rst",
+            category="Figures",
+        ),
+        qualitative=report(
+            "results/paper/fig_qualitative.png",
+            caption="../report/fig_qualitative.rst",
+            category="Figures",
+        ),
+        federated=report(
+            "results/paper/fig_federated_curves.png",
+            caption="../report/fig_federated_curves.rst",
+            category="Figures",
+        ),
+        training=report(
+            "results/paper/fig_training_curves.png",
+            caption="../report/fig_training_curves.rst",
+            category="Figures",
+        ),
+    log:
+        "logs/make_figures/make_figures.log",
+    params:
+        out_dir="results/paper",
+    script:
+        "../../scripts/make_figures.py"
+
+
+rule paper:
+    input:
+        PAPER_TABLES,
+        PAPER_FIGURES,

@@ -1,0 +1,105 @@
+# Centrally trained models: M0 on the fully labelled site, the central upper bound per loss combination,
+# and each site alone. Training rules declare a GPU so a cluster profile requests one for them only.
+
+
+rule pretrain:
+    input:
+        data=sites_inputs(FULL_SITES),
+    output:
+        model="results/models/pretrain/model.pt",
+        curve_csv="results/models/pretrain/curve.csv",
+        curve_png=report(
+            "results/models/pretrain/curve.png",
+            caption="../report/training_curve.rst",
+            category="Training curves",
+        ),
+    log:
+        "logs/pretrain/pretrain.log",
+    benchmark:
+        "results/benchmarks/pretrain/pretrain.tsv"
+    params:
+        kind="pretrain",
+        sites=[site_descriptor(s) for s in FULL_SITES],
+        init="",
+        loss=COMBINATIONS[LOSSES["default"]],
+        epochs=config["training"]["pretrain_epochs"],
+        freeze_mode="full",
+        organs=list(ORGANS),
+        network=config["network"],
+        training=config["training"],
+        patch_size=config["patches"]["size"],
+        seed=config["seed"],
+    threads: 1
+    resources:
+        gpu=1,
+    script:
+        "../../scripts/train_model.py"
+
+
+rule train_central:
+    input:
+        init="results/models/pretrain/model.pt",
+        data=sites_inputs(SITES),
+    output:
+        model="results/models/central/{losses}/model.pt",
+        curve_csv="results/models/central/{losses}/curve.csv",
+        curve_png=report(
+            "results/models/central/{losses}/curve.png",
+            caption="../report/training_curve.rst",
+            category="Training curves",
+        ),
+    log:
+        "logs/train_central/{losses}.log",
+    benchmark:
+        "results/benchmarks/train_central/{losses}.tsv"
+    params:
+        kind="central",
+        sites=[site_descriptor(s) for s in SITES],
+        init="results/models/pretrain/model.pt",
+        loss=get_loss,
+        epochs=config["training"]["central_epochs"],
+        freeze_mode="full",
+        organs=list(ORGANS),
+        network=config["network"],
+        training=config["training"],
+        patch_size=config["patches"]["size"],
+        seed=config["seed"],
+    threads: 1
+    resources:
+        gpu=1,
+    script:
+        "../../scripts/train_model.py"
+
+
+rule train_site_alone:
+    input:
+        unpack(get_site_data),
+    output:
+        model="results/models/site_alone/{site}/model.pt",
+        curve_csv="results/models/site_alone/{site}/curve.csv",
+        curve_png=report(
+            "results/models/site_alone/{site}/curve.png",
+            caption="../report/training_curve.rst",
+            category="Training curves",
+        ),
+    log:
+        "logs/train_site_alone/{site}.log",
+    benchmark:
+        "results/benchmarks/train_site_alone/{site}.tsv"
+    params:
+        kind="site_alone",
+        sites=get_site_descriptor,
+        init="",
+        loss=get_site_alone_loss,
+        epochs=config["training"]["site_alone_epochs"],
+        freeze_mode="full",
+        organs=get_site_organs,
+        network=config["network"],
+        training=config["training"],
+        patch_size=config["patches"]["size"],
+        seed=config["seed"],
+    threads: 1
+    resources:
+        gpu=1,
+    script:
+        "../../scripts/train_model.py"
