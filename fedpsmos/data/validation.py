@@ -1,0 +1,283 @@
+"""Check every image/label pair of a site, split it, and write its manifest (DESIGN.md, "validate + split").
+
+A case is accepted when its image and label are readable 3-D scalar images on the same grid (size, spacing,
+origin and direction within tolerance), the spacing is positive, the intensities are finite and not
+constant, and the label holds only 0 and the site's declared label values. The first bad case stops the
+site with a one-line :class:`DataError` naming the file and the problem; no manifest is written then.
+
+The split is per site and deterministic: sorted case ids, a permutation seeded by ``(seed, site)``, the first
+``round(test_fraction * n)`` cases (at least one, at most ``n - 1``) to ``test``. The manifest format is the
+one in ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from fedpsmos.atomic import write_json
+from fedpsmos.data.sources import CaseFiles, DataError, list_cases
+from fedpsmos.data.synthetic import site_seed
+from fedpsmos.organs import LabelMapError, labelled_organs
+
+__all__ = ["DataError", "build_manifest", "split_cases", "validate_case"]
+
+SPACING_RTOL = 1e-3
+SPACING_ATOL = 1e-3  # mm, also used for the origin
+DIRECTION_ATOL = 1e-4
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    # ITK puts the useful part after "ITK ERROR:"; keep the message short and on one line.
+    for line in lines:
+        if "ERROR" in line or "error" in line:
+            return line[:300]
+    return (lines[-1] if lines else "unknown error")[:300]
+
+
+def _nifti_header(path: Path) -> dict[str, Any] | None:
+    """The few NIfTI-1/2 header fields SimpleITK hides, or None for other formats or unreadable headers."""
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return None
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            head = handle.read(540)
+    except (OSError, EOFError):
+        return None  # unreadable files are reported by the SimpleITK read
+    for e in ("<", ">"):
+        if len(head) >= 348 and struct.unpack(e + "i", head[:4])[0] == 348:
+            ndim = struct.unpack(e + "h", head[40:42])[0]
+            dims = struct.unpack(e + "7h", head[42:56])
+            datatype = struct.unpack(e + "h", head[70:72])[0]
+            pixdim = struct.unpack(e + "3f", head[80:92])
+            offset = int(struct.unpack(e + "f", head[108:112])[0])
+        elif len(head) >= 540 and struct.unpack(e + "i", head[:4])[0] == 540:
+            ndim = struct.unpack(e + "q", head[16:24])[0]
+            dims = struct.unpack(e + "7q", head[24:80])
+            datatype = struct.unpack(e + "h", head[12:14])[0]
+            pixdim = struct.unpack(e + "3d", head[112:136])
+            offset = int(struct.unpack(e + "q", head[168:176])[0])
+        else:
+            continue
+        ndim = max(0, min(7, ndim))
+        return {
+            "endian": e,
+            "pixdim": pixdim[: min(3, ndim)],  # a 2-D image has no third spacing to check
+            "datatype": datatype,
+            "n_voxels": int(np.prod(dims[:ndim])) if ndim else 0,
+            "offset": offset,
+            "opener": opener,
+        }
+    return None
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 / float64
+
+
+def _nifti_nonfinite(path: Path, header: Mapping[str, Any]) -> int:
+    """Count NaN/inf voxels of a float NIfTI from its raw data.
+
+    SimpleITK 2.5's NIfTI reader returns NaN voxels as 0 (observed), so the check has to bypass it.
+    """
+    code = _NIFTI_FLOATS.get(header["datatype"])
+    if code is None:
+        return 0
+    dtype = np.dtype(header["endian"] + code)
+    remaining = header["n_voxels"]
+    bad = 0
+    with header["opener"](path, "rb") as handle:
+        handle.seek(header["offset"])
+        while remaining > 0:  # in chunks: a float CT can be hundreds of MB
+            n = min(remaining, 1 << 22)
+            chunk = np.frombuffer(handle.read(n * dtype.itemsize), dtype=dtype)
+            if chunk.size == 0:
+                break
+            bad += int(np.count_nonzero(~np.isfinite(chunk)))
+            remaining -= chunk.size
+    return bad
+
+
+def _read(path: Path, what: str) -> sitk.Image:
+    if not path.is_file():
+        raise DataError(f"{path}: {what} file does not exist")
+    if path.name.lower().endswith(".gz"):
+        with open(path, "rb") as handle:
+            magic = handle.read(2)
+        if magic != b"\x1f\x8b":
+            # SimpleITK reads an uncompressed file named .nii.gz, but nnU-Net and nibabel do not.
+            raise DataError(f"{path}: {what} file is named .gz but is not gzip-compressed")
+    header = _nifti_header(path)
+    if header is not None and not all(math.isfinite(p) and p > 0 for p in header["pixdim"]):
+        # ITK silently reads a zero pixdim as 1 mm and a negative one as a flipped axis.
+        raise DataError(
+            f"{path}: {what} spacing must be > 0, the NIfTI header has pixdim {list(header['pixdim'])}"
+        )
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise DataError(f"{path}: cannot read {what} file {path.name}: {_one_line(str(err))}") from err
+    if image.GetDimension() != 3:
+        raise DataError(f"{path}: {what} is {image.GetDimension()}-D, a 3-D image is required")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(f"{path}: {what} has {image.GetNumberOfComponentsPerPixel()} components per voxel")
+    spacing = image.GetSpacing()
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise DataError(f"{path}: {what} spacing must be > 0, got {list(spacing)}")
+    return image
+
+
+def _geometry(image: sitk.Image) -> dict[str, list[float] | list[int]]:
+    return {
+        "sitk_size": [int(s) for s in image.GetSize()],
+        "sitk_spacing": [float(s) for s in image.GetSpacing()],
+        "sitk_origin": [float(s) for s in image.GetOrigin()],
+        "sitk_direction": [float(s) for s in image.GetDirection()],
+    }
+
+
+def _check_same_grid(image: sitk.Image, label: sitk.Image, label_path: Path) -> None:
+    pairs = (
+        ("size", image.GetSize(), label.GetSize(), 0.0, 0.0),
+        ("spacing", image.GetSpacing(), label.GetSpacing(), SPACING_RTOL, SPACING_ATOL),
+        ("origin", image.GetOrigin(), label.GetOrigin(), SPACING_RTOL, SPACING_ATOL),
+        ("direction", image.GetDirection(), label.GetDirection(), 0.0, DIRECTION_ATOL),
+    )
+    for name, a, b, rtol, atol in pairs:
+        if not np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=rtol, atol=atol):
+            fa = [round(v, 6) for v in a]
+            fb = [round(v, 6) for v in b]
+            raise DataError(f"{label_path}: label {name} {fb} differs from the image's {fa}")
+
+
+def validate_case(case: CaseFiles, *, label_values: Iterable[int]) -> dict[str, Any]:
+    """Check one image/label pair; returns its geometry (``sitk_size``, ``sitk_spacing``, ``sitk_origin``,
+    ``sitk_direction``) for the manifest.
+
+    Parameters
+    ----------
+    case: the case's files; label_values: the site's declared label values (0 is always allowed).
+    Raises :class:`DataError` ``"{path}: {problem}"`` for the first problem found.
+    """
+    image = _read(Path(case.image), "image")
+    label = _read(Path(case.label), "label")
+    _check_same_grid(image, label, Path(case.label))
+
+    pixels = sitk.GetArrayViewFromImage(image)
+    bad = 0
+    if np.issubdtype(pixels.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(pixels)))
+        header = _nifti_header(Path(case.image))
+        if header is not None and not bad:
+            bad = _nifti_nonfinite(Path(case.image), header)
+    if bad:
+        raise DataError(f"{case.image}: image has {bad} non-finite (NaN or infinite) intensities")
+    if pixels.size == 0 or pixels.min() == pixels.max():
+        value = pixels.flat[0] if pixels.size else "none"
+        raise DataError(f"{case.image}: image intensity is constant ({value}), not a CT")
+
+    values = sitk.GetArrayViewFromImage(label)
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.all(np.isfinite(values)) or np.any(values != np.rint(values)):
+            raise DataError(f"{case.label}: label holds non-integer values")
+    allowed = {0, *(int(v) for v in label_values)}
+    present = {int(v) for v in np.unique(values)}
+    unexpected = sorted(present - allowed)
+    if unexpected:
+        raise DataError(
+            f"{case.label}: label values {unexpected} are not in the site's label map "
+            f"(allowed {sorted(allowed)})"
+        )
+    info = _geometry(image)
+    info["label_values"] = sorted(present)
+    return info
+
+
+def split_cases(
+    case_ids: Iterable[str], *, test_fraction: float, seed: int, site: str
+) -> dict[str, list[str]]:
+    """Deterministic per-site train/test split: sorted ids, a permutation seeded by ``(seed, site)``.
+
+    Parameters
+    ----------
+    case_ids: the site's cases; test_fraction: share of cases to test, in [0, 1); seed: experiment seed;
+    site: site name (mixed into the seed so sites do not share one permutation).
+    With at least two cases both splits get one case or more; a single case goes to ``train`` (warning).
+    """
+    ids = sorted(case_ids)
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"site {site}: test_fraction must be in [0, 1), got {test_fraction}")
+    if not ids:
+        raise ValueError(f"site {site}: no cases to split")
+    if len(ids) == 1:
+        warnings.warn(
+            f"site {site} has a single case: it goes to train, the test split is empty", stacklevel=2
+        )
+        return {"train": ids, "test": []}
+    n_test = min(max(round(test_fraction * len(ids)), 1), len(ids) - 1)
+    order = np.random.default_rng([site_seed(seed, site), 0x5B117]).permutation(len(ids))
+    test = {ids[i] for i in order[:n_test]}
+    return {"train": [c for c in ids if c not in test], "test": [c for c in ids if c in test]}
+
+
+def build_manifest(
+    out: str | os.PathLike[str],
+    *,
+    site: str,
+    source: str,
+    root: str | os.PathLike[str],
+    labels: Mapping[str, Iterable[int]],
+    test_fraction: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Validate every case of a site, split it and write ``manifest.json`` atomically; returns the manifest.
+
+    Parameters
+    ----------
+    out: manifest path; site: site name; source: ``synthetic``/``nnunet``/``msd``; root: the site's raw
+    folder; labels: the site's label map ``{organ: [values]}``; test_fraction: share of test cases;
+    seed: experiment seed of the split.
+    Stops at the first bad case with :class:`DataError`; nothing is written then.
+    """
+    labels = {organ: [int(v) for v in vals] for organ, vals in labels.items()}
+    try:
+        organs = list(labelled_organs(labels))
+    except LabelMapError as err:
+        raise DataError(f"site {site}: {err}") from err
+    label_values = {v for vals in labels.values() for v in vals}
+    cases = list_cases(source, root, site=site)
+    infos = {c.case: validate_case(c, label_values=label_values) for c in cases}
+    split = split_cases(infos, test_fraction=test_fraction, seed=seed, site=site)
+    test = set(split["test"])
+    manifest = {
+        "site": site,
+        "source": source,
+        "root": str(root),
+        "labels": labels,
+        "organs": organs,
+        "cases": [
+            {
+                "case": c.case,
+                "image": str(c.image),
+                "label": str(c.label),
+                "split": "test" if c.case in test else "train",
+                **infos[c.case],
+            }
+            for c in cases
+        ],
+        "train": split["train"],
+        "test": split["test"],
+    }
+    write_json(out, manifest)
+    return manifest

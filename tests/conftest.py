@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny raw site folders (nnU-Net v2 or MSD layout) written from arrays and geometry."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+@dataclass
+class Geometry:
+    """SimpleITK geometry in SimpleITK's (x, y, z) order."""
+
+    spacing: Sequence[float] = (1.0, 1.0, 1.0)
+    origin: Sequence[float] = (0.0, 0.0, 0.0)
+    direction: Sequence[float] = field(default_factory=lambda: IDENTITY)
+
+
+def write_sitk(array: np.ndarray, path: Path, geometry: Geometry | None = None) -> Path:
+    """Write a NumPy array ``[z, y, x]`` (or 2-D/4-D) as an image with the given geometry."""
+    geometry = geometry or Geometry()
+    image = sitk.GetImageFromArray(array, isVector=False)  # 4-D arrays stay 4-D scalar images
+    dim = image.GetDimension()
+    if dim == 3:
+        image.SetSpacing([float(s) for s in geometry.spacing])
+        image.SetOrigin([float(s) for s in geometry.origin])
+        image.SetDirection([float(s) for s in geometry.direction])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=path.name.endswith(".gz"))
+    return path
+
+
+def tiny_ct(shape: Sequence[int] = (4, 6, 8), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A small int16 'CT' (air around a soft-tissue block) and a uint8 label with values 1 and 2."""
+    rng = np.random.default_rng(seed)
+    image = np.full(shape, -1000, dtype=np.int16)
+    image[1:-1, 1:-1, 1:-1] = (40 + rng.normal(0, 10, size=[s - 2 for s in shape])).astype(np.int16)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[1:-1, 1:3, 1:3] = 1
+    label[1:-1, 1:3, -3:-1] = 2
+    return image, label
+
+
+RawCaseWriter = Callable[..., tuple[Path, Path]]
+
+
+@pytest.fixture
+def write_raw_case() -> RawCaseWriter:
+    """A function writing one case into a raw site folder; returns ``(image_path, label_path)``.
+
+    Call as ``write_raw_case(root, case, image, label, layout="nnunet"|"msd", ending=".nii.gz",
+    geometry=Geometry(...), label_geometry=None, dataset_json={...} | None)``; ``label_geometry`` defaults to
+    the image's, ``dataset_json`` (nnU-Net only) is written when given.
+    """
+
+    def write(
+        root: Path,
+        case: str,
+        image: np.ndarray,
+        label: np.ndarray,
+        *,
+        layout: str = "nnunet",
+        ending: str = ".nii.gz",
+        geometry: Geometry | None = None,
+        label_geometry: Geometry | None = None,
+        dataset_json: Mapping[str, object] | None = None,
+    ) -> tuple[Path, Path]:
+        root = Path(root)
+        channel = "_0000" if layout == "nnunet" else ""
+        image_path = write_sitk(image, root / "imagesTr" / f"{case}{channel}{ending}", geometry)
+        label_path = write_sitk(label, root / "labelsTr" / f"{case}{ending}", label_geometry or geometry)
+        if dataset_json is not None:
+            (root / "dataset.json").write_text(json.dumps(dict(dataset_json)))
+        return image_path, label_path
+
+    return write

@@ -1,0 +1,165 @@
+"""Site label maps onto global classes, including the left/right split of a single kidney label."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from fedpsmos.data.label_map import apply_label_map, apply_label_map_image, physical_x
+from fedpsmos.organs import CLASS_INDEX, LabelMapError
+
+LEFT, RIGHT = CLASS_INDEX["kidney_left"], CLASS_INDEX["kidney_right"]
+
+
+def _two_kidneys(axis: int) -> np.ndarray:
+    """A [6, 8, 10] volume with value 1 in two separated blocks along ``axis`` (low and high end)."""
+    label = np.zeros((6, 8, 10), dtype=np.uint8)
+    low = [slice(1, 5), slice(2, 6), slice(3, 7)]
+    high = list(low)
+    low[axis] = slice(0, 2)
+    high[axis] = slice(label.shape[axis] - 2, label.shape[axis])
+    label[tuple(low)] = 1
+    label[tuple(high)] = 1
+    return label
+
+
+def _image(array: np.ndarray, direction, origin=(5.0, -3.0, 2.0), spacing=(0.8, 1.5, 2.5)) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetDirection([float(v) for v in direction])
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    return image
+
+
+def _sitk_x(image: sitk.Image, index_zyx: np.ndarray) -> np.ndarray:
+    """Physical x of voxels computed by SimpleITK itself (an independent reference)."""
+    return np.array([image.TransformIndexToPhysicalPoint([int(v) for v in i[::-1]])[0] for i in index_zyx])
+
+
+@pytest.mark.parametrize(
+    ("direction", "axis"),
+    [
+        ((1, 0, 0, 0, 1, 0, 0, 0, 1), 2),  # identity: +x index is patient's left
+        ((-1, 0, 0, 0, -1, 0, 0, 0, 1), 2),  # LPS-flipped storage (e.g. DICOM-derived RAS files)
+        ((0, -1, 0, 1, 0, 0, 0, 0, 1), 1),  # rotated 90 degrees about z: physical x runs along array y
+        ((0, 0, 1, 0, 1, 0, -1, 0, 0), 0),  # rotated about y: physical x runs along array z
+    ],
+)
+def test_kidney_split_follows_physical_x(direction, axis):
+    # Prepare: two kidney blocks at both ends of the array axis that maps onto physical x.
+    label = _two_kidneys(axis)
+    image = _image(label, direction)
+    index = np.argwhere(label == 1)
+    x = _sitk_x(image, index)
+    midline = 0.5 * (x.min() + x.max())
+
+    # Execute
+    out = apply_label_map_image(image, {"kidney": [1]})
+
+    # Assert: voxels on the patient's left (+x in LPS) are kidney_left, the others kidney_right.
+    expected = np.where(x > midline, LEFT, RIGHT)
+    np.testing.assert_array_equal(out[tuple(index.T)], expected)
+    assert set(np.unique(out)) == {0, LEFT, RIGHT}
+    assert np.count_nonzero(out == LEFT) == np.count_nonzero(out == RIGHT)
+
+
+def test_physical_x_matches_simpleitk_for_oblique_direction():
+    # Prepare: an oblique (non-axis-aligned) orthonormal direction.
+    angle = 0.4
+    c, s = np.cos(angle), np.sin(angle)
+    direction = (c, -s, 0, s, c, 0, 0, 0, 1)
+    image = _image(np.zeros((3, 4, 5), dtype=np.uint8), direction)
+    index = np.argwhere(np.ones((3, 4, 5), dtype=bool))
+
+    # Execute
+    x = physical_x(
+        index, origin=image.GetOrigin(), spacing=image.GetSpacing(), direction=image.GetDirection()
+    )
+
+    # Assert
+    np.testing.assert_allclose(x, _sitk_x(image, index), atol=1e-9)
+
+
+def test_many_to_one_and_partial_map():
+    # Prepare: MSD-liver-style labels (1 liver, 2 tumour) plus background.
+    label = np.zeros((2, 3, 4), dtype=np.int16)
+    label[0, 0, :2] = 1
+    label[1, 2, 3] = 2
+
+    # Execute
+    out = apply_label_map(label, {"liver": [1, 2]})
+
+    # Assert
+    assert out.dtype == np.uint8
+    expected = np.zeros_like(out)
+    expected[0, 0, :2] = CLASS_INDEX["liver"]
+    expected[1, 2, 3] = CLASS_INDEX["liver"]
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_site_values_map_to_global_classes():
+    # Prepare: site values in a different order from the global classes (TotalSegmentator-style 4 = right).
+    label = np.array([0, 1, 2, 3, 4, 5], dtype=np.uint8).reshape(1, 1, 6)
+    labels = {"liver": [1], "spleen": [2], "pancreas": [3], "kidney_right": [4], "kidney_left": [5]}
+
+    # Execute
+    out = apply_label_map(label, labels)
+
+    # Assert
+    np.testing.assert_array_equal(out.ravel(), [0, 1, 2, 3, RIGHT, LEFT])
+
+
+def test_values_not_in_map_are_named_in_the_error():
+    label = np.array([0, 1, 3, 7], dtype=np.uint8).reshape(1, 1, 4)
+    with pytest.raises(LabelMapError, match=r"\[3, 7\]"):
+        apply_label_map(label, {"liver": [1]})
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ({"heart": [1]}, "unknown organ"),
+        ({"liver": [1], "spleen": [1]}, "more than one organ"),
+        ({"liver": [0]}, "positive integer"),
+    ],
+)
+def test_malformed_maps_are_rejected(labels, message):
+    with pytest.raises(LabelMapError, match=message):
+        apply_label_map(np.zeros((1, 1, 2), dtype=np.uint8), labels)
+
+
+def test_float_labels_must_be_integral():
+    label = np.array([0.0, 1.0, 1.5], dtype=np.float32).reshape(1, 1, 3)
+    with pytest.raises(LabelMapError, match="non-integer"):
+        apply_label_map(label, {"liver": [1]})
+    np.testing.assert_array_equal(apply_label_map(label[..., :2], {"liver": [1]}).ravel(), [0, 1])
+
+
+def test_midline_from_unequal_kidneys_and_explicit_midline():
+    # Prepare: a large kidney at x 0..3 and a small one at x 12..13 on a 16-wide grid; a voxel-weighted
+    # centre of mass would sit inside the large kidney, the per-component mean sits between them.
+    label = np.zeros((4, 4, 16), dtype=np.uint8)
+    label[:, :, 0:4] = 1
+    label[1:3, 1:3, 12:14] = 1
+
+    # Execute
+    out = apply_label_map(label, {"kidney": [1]})
+    forced = apply_label_map(label, {"kidney": [1]}, midline_x=-1.0)
+
+    # Assert
+    assert np.all(out[:, :, 0:4] == RIGHT)
+    assert np.all(out[1:3, 1:3, 12:14] == LEFT)
+    assert set(np.unique(forced)) == {0, LEFT}
+
+
+def test_single_kidney_component_uses_field_of_view_centre():
+    # Prepare: one kidney on the patient's left half of the field of view (x index 7..8 of 0..9).
+    label = np.zeros((3, 3, 10), dtype=np.uint8)
+    label[:, :, 7:9] = 1
+
+    # Execute
+    out = apply_label_map(label, {"kidney": [1]})
+
+    # Assert: the whole single component is kidney_left, not split in half.
+    assert set(np.unique(out[label == 1])) == {LEFT}

@@ -1,0 +1,238 @@
+"""Validation of image/label pairs, the deterministic split, the manifest (written only for valid sites)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import runpy
+import shutil
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fedpsmos.data.sources import CaseFiles, DataError
+from fedpsmos.data.validation import build_manifest, split_cases, validate_case
+from tests.conftest import Geometry, tiny_ct, write_sitk
+
+LABELS = {"liver": [1], "spleen": [2]}
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+
+
+def _site(root, write_raw_case, n=3, **kwargs):
+    image, label = tiny_ct()
+    for i in range(n):
+        write_raw_case(root, f"c{i}", image, label, **kwargs)
+    return image, label
+
+
+def _manifest(tmp_path, root, labels=LABELS, **kwargs):
+    args = {"site": "s", "source": "nnunet", "root": root, "labels": labels, "test_fraction": 0.34, "seed": 0}
+    return build_manifest(tmp_path / "data" / "manifest.json", **{**args, **kwargs})
+
+
+def test_valid_site_manifest_matches_contract(tmp_path, write_raw_case):
+    root = tmp_path / "raw"
+    geometry = Geometry(
+        spacing=(0.8, 0.8, 2.5), origin=(-10.0, 5.0, 30.0), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1)
+    )
+    _site(root, write_raw_case, n=6, geometry=geometry)
+
+    manifest = _manifest(tmp_path, root)
+    on_disk = json.loads((tmp_path / "data" / "manifest.json").read_text())
+
+    assert on_disk == manifest
+    assert manifest["site"] == "s" and manifest["source"] == "nnunet" and manifest["root"] == str(root)
+    assert manifest["labels"] == LABELS and manifest["organs"] == ["liver", "spleen"]
+    assert [c["case"] for c in manifest["cases"]] == [f"c{i}" for i in range(6)]
+    assert len(manifest["test"]) == 2 and len(manifest["train"]) == 4
+    assert sorted(manifest["train"] + manifest["test"]) == [f"c{i}" for i in range(6)]
+    first = manifest["cases"][0]
+    assert first["image"] == str(root / "imagesTr" / "c0_0000.nii.gz")
+    assert first["label"] == str(root / "labelsTr" / "c0.nii.gz")
+    assert first["sitk_size"] == [8, 6, 4]
+    assert first["sitk_spacing"] == pytest.approx([0.8, 0.8, 2.5])
+    assert first["sitk_origin"] == pytest.approx([-10.0, 5.0, 30.0])
+    assert first["sitk_direction"] == pytest.approx([-1, 0, 0, 0, -1, 0, 0, 0, 1])
+    assert {c["case"] for c in manifest["cases"] if c["split"] == "test"} == set(manifest["test"])
+    assert list((tmp_path / "data").iterdir()) == [tmp_path / "data" / "manifest.json"]  # no temp files
+
+
+def test_small_geometry_differences_within_tolerance_pass(tmp_path, write_raw_case):
+    image, label = tiny_ct()
+    g = Geometry(spacing=(1.0, 1.0, 3.0), origin=(0.0, 0.0, 0.0))
+    g_label = Geometry(
+        spacing=(1.0005, 1.0, 3.0), origin=(0.0005, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 2e-5, 0, 0, 1)
+    )
+    img, lab = write_raw_case(tmp_path, "c", image, label, geometry=g, label_geometry=g_label)
+    info = validate_case(CaseFiles("c", img, lab), label_values={1, 2})
+    assert info["sitk_size"] == [8, 6, 4] and info["label_values"] == [0, 1, 2]
+
+
+def _edit_pixdim(path: Path, index: int, value: float) -> None:
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[76 + 4 * index : 80 + 4 * index] = struct.pack("<f", value)
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+def _defects():
+    """(name, how to break case c1 of a valid site, expected message) for every check."""
+    image, label = tiny_ct()
+    img = lambda root: root / "imagesTr" / "c1_0000.nii.gz"  # noqa: E731
+    lab = lambda root: root / "labelsTr" / "c1.nii.gz"  # noqa: E731
+
+    def rewrite(which, array, geometry=None):
+        return lambda root: write_sitk(array, which(root), geometry)
+
+    def not_gzip(root):
+        write_sitk(image, root / "plain.nii")
+        shutil.move(root / "plain.nii", img(root))
+
+    nan = image.astype(np.float32)
+    nan[2, 2, 2] = np.nan
+    bad_label = label.copy()
+    bad_label[0, 0, 0] = 7
+    bad_label[0, 0, 1] = 9
+    return [
+        (
+            "unreadable",
+            lambda root: img(root).write_bytes(gzip.compress(b"not an image" * 20)),
+            "cannot read image",
+        ),
+        ("not gzip", not_gzip, "named .gz but is not gzip-compressed"),
+        ("2-D", rewrite(img, image[0]), "image is 2-D, a 3-D image is required"),
+        ("4-D", rewrite(img, np.stack([image, image])), "image is 4-D, a 3-D image is required"),
+        (
+            "size",
+            rewrite(lab, label[:, :, :-1]),
+            r"label size \[7, 6, 4\] differs from the image's \[8, 6, 4\]",
+        ),
+        ("spacing", rewrite(lab, label, Geometry(spacing=(1.0, 1.0, 1.01))), "label spacing .* differs"),
+        ("origin", rewrite(lab, label, Geometry(origin=(0.0, 0.01, 0.0))), "label origin .* differs"),
+        (
+            "direction",
+            rewrite(lab, label, Geometry(direction=(-1, 0, 0, 0, 1, 0, 0, 0, -1))),
+            "label direction .* differs",
+        ),
+        ("nan", rewrite(img, nan), r"image has 1 non-finite \(NaN or infinite\) intensities"),
+        ("constant", rewrite(img, np.full_like(image, 40)), r"image intensity is constant \(40\)"),
+        ("label values", rewrite(lab, bad_label), r"label values \[7, 9\] are not in the site's label map"),
+        (
+            "zero spacing",
+            lambda root: _edit_pixdim(img(root), 2, 0.0),
+            r"spacing must be > 0.*pixdim \[1.0, 0.0",
+        ),
+        ("negative spacing", lambda root: _edit_pixdim(lab(root), 1, -1.0), r"label spacing must be > 0"),
+    ]
+
+
+@pytest.mark.parametrize(("name", "breakage", "message"), _defects(), ids=[d[0] for d in _defects()])
+def test_each_defect_is_named_and_no_manifest_is_written(tmp_path, write_raw_case, name, breakage, message):
+    root = tmp_path / "raw"
+    _site(root, write_raw_case)
+    breakage(root)
+
+    with pytest.raises(DataError, match=message) as info:
+        _manifest(tmp_path, root)
+
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith(str(root / "imagesTr" / "c1_0000.nii.gz")) or text.startswith(
+        str(root / "labelsTr" / "c1.nii.gz")
+    )
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_site_without_cases_names_the_folder(tmp_path):
+    (tmp_path / "raw" / "imagesTr").mkdir(parents=True)
+    (tmp_path / "raw" / "labelsTr").mkdir()
+    with pytest.raises(DataError, match=rf"{tmp_path / 'raw' / 'imagesTr'}: site s has no cases"):
+        _manifest(tmp_path, tmp_path / "raw")
+    assert not (tmp_path / "data").exists()
+
+
+def test_unknown_organ_in_label_map_is_refused(tmp_path, write_raw_case):
+    _site(tmp_path / "raw", write_raw_case)
+    with pytest.raises(DataError, match="site s: unknown organ 'heart'"):
+        _manifest(tmp_path, tmp_path / "raw", labels={"heart": [1]})
+
+
+def test_split_is_deterministic_and_keeps_both_sides():
+    ids = [f"c{i:02d}" for i in range(10)]
+    a = split_cases(ids, test_fraction=0.3, seed=0, site="s")
+    b = split_cases(list(reversed(ids)), test_fraction=0.3, seed=0, site="s")
+    others = [split_cases(ids, test_fraction=0.3, seed=k, site="s")["test"] for k in range(1, 6)]
+
+    assert a == b and len(a["test"]) == 3 and sorted(a["train"] + a["test"]) == ids
+    assert any(t != a["test"] for t in others)  # the seed matters
+    assert split_cases(ids[:2], test_fraction=0.01, seed=0, site="s")["test"] != []
+    assert len(split_cases(ids[:3], test_fraction=0.99, seed=0, site="s")["train"]) == 1
+    with pytest.warns(UserWarning, match="single case"):
+        assert split_cases(["only"], test_fraction=0.3, seed=0, site="s") == {"train": ["only"], "test": []}
+    with pytest.raises(ValueError, match="test_fraction"):
+        split_cases(ids, test_fraction=1.0, seed=0, site="s")
+
+
+def test_single_case_site_is_train_only(tmp_path, write_raw_case):
+    _site(tmp_path / "raw", write_raw_case, n=1)
+    with pytest.warns(UserWarning, match="single case"):
+        manifest = _manifest(tmp_path, tmp_path / "raw")
+    assert manifest["train"] == ["c0"] and manifest["test"] == []
+
+
+def _run_script(name: str, **namespaces) -> None:
+    """Run a thin Snakemake script with a stand-in ``snakemake`` object, as the rule would."""
+    smk = SimpleNamespace(log=[], **{k: SimpleNamespace(**v) for k, v in namespaces.items()})
+    runpy.run_path(str(SCRIPTS / name), init_globals={"snakemake": smk})
+
+
+def test_scripts_generate_validate_and_preview_a_synthetic_site(tmp_path):
+    spec = {"cases": 3, "spacing": [8.0, 5.0, 5.0], "noise": 20.0, "contrast": 1.0, "offset": 0.0, "fov": 1.0}
+    labels = {"kidney_left": [1], "kidney_right": [2]}
+    raw, manifest_path, png = (
+        tmp_path / "raw" / "site5",
+        tmp_path / "data" / "manifest.json",
+        tmp_path / "p.png",
+    )
+    common = {"site": "site5", "labels": labels, "seed": 0}
+
+    _run_script("make_synthetic_site.py", output={"root": str(raw)}, params={**common, "spec": spec})
+    _run_script(
+        "validate_site.py",
+        output={"manifest": str(manifest_path)},
+        params={**common, "source": "synthetic", "root": str(raw), "test_fraction": 0.34},
+    )
+    _run_script("plot_site_preview.py", input={"manifest": str(manifest_path)}, output={"png": str(png)})
+
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["organs"] == ["kidney_left", "kidney_right"]
+    assert all(c["label_values"] == [0, 1, 2] for c in manifest["cases"])
+    assert len(manifest["test"]) == 1 and len(manifest["train"]) == 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_real_ct_validates_as_nnunet_case(tmp_path):
+    image = REALDATA / "ct_abdomen_3mm.nii.gz"
+    label = REALDATA / "ct_abdomen_3mm_5organs.nii.gz"
+    if not (image.is_file() and label.is_file()):
+        pytest.skip(f"real CT test data not found at {REALDATA} (../shared/realdata beside the checkout)")
+    root = tmp_path / "raw"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    shutil.copy(image, root / "imagesTr" / "real_000_0000.nii.gz")
+    shutil.copy(label, root / "labelsTr" / "real_000.nii.gz")
+    labels = {"liver": [1], "spleen": [2], "pancreas": [3], "kidney_right": [4], "kidney_left": [5]}
+
+    with pytest.warns(UserWarning, match="single case"):
+        manifest = _manifest(tmp_path, root, labels=labels, site="real")
+
+    (case,) = manifest["cases"]
+    assert case["sitk_size"] == [122, 101, 30]
+    assert case["sitk_spacing"] == pytest.approx([3.0, 3.0, 3.0])
+    assert case["sitk_direction"] == pytest.approx([-1, 0, 0, 0, -1, 0, 0, 0, 1])
+    assert case["label_values"] == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(DataError, match=r"label values \[4, 5\] are not in the site's label map"):
+        _manifest(tmp_path, root, labels={"liver": [1], "spleen": [2], "pancreas": [3]}, site="real")
