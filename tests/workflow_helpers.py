@@ -12,16 +12,24 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def snakemake(workdir: Path, *args: str, overlay: str | None = "config/ci.yaml", timeout: float = 1800,
-              check: bool = True) -> subprocess.CompletedProcess[str]:
+def snakemake(
+    workdir: Path,
+    *args: str,
+    overlay: str | None = "config/ci.yaml",
+    timeout: float = 1800,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     """Run snakemake on the repository's Snakefile in ``workdir`` with the default config plus ``overlay``."""
     configs = [str(REPO / "config.yaml")] + ([str(REPO / overlay)] if overlay else [])
-    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", *configs, *args]
+    # Targets go before --configfile, which takes every following word as a file.
+    cmd = [*SNAKEMAKE, *args, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", *configs]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir.parent)
     if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed ({result.returncode}): {' '.join(args)}\n"
-                             f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+        raise AssertionError(
+            f"snakemake failed ({result.returncode}): {' '.join(args)}\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
     return result
 
 

@@ -1,0 +1,148 @@
+"""Per-case, per-organ Dice and HD95 of a model on a site's test split (paper Section 3, DESIGN.md "Metrics").
+
+The reference is the site's raw label file (original geometry) mapped to the global classes with the site's
+label map, so metrics are computed in the original spacing. Only the organs the site labels are scored: the
+other organs are present in its images but unlabelled, so its reference cannot judge them. A model that
+outputs only some organs (site-alone) is scored only on those (``model_organs``). Empty masks follow
+:mod:`fedpsmos.evaluation.metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from fedpsmos.atomic import atomic_path
+from fedpsmos.data.label_map import apply_label_map_image
+from fedpsmos.evaluation.metrics import dice, hd95
+from fedpsmos.organs import CLASS_INDEX, labelled_organs
+
+COLUMNS = ("model", "site", "case", "organ", "dice", "hd95")
+
+
+def _resolve(path: str, manifest_path: Path, root: str | None) -> Path:
+    """A manifest path as written, else relative to the manifest's ``root``, else to the manifest's folder."""
+    candidates = [Path(path)]
+    if not Path(path).is_absolute():
+        if root:
+            candidates.append(Path(root) / path)
+        candidates.append(manifest_path.parent / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{manifest_path}: file {path!r} not found (tried {[str(c) for c in candidates]})"
+    )
+
+
+def reference_labels(manifest_path: str | os.PathLike[str]) -> dict[str, Path]:
+    """Test case id -> raw reference label file, from a site's manifest.
+
+    Parameters
+    ----------
+    manifest_path:
+        ``results/data/{site}/manifest.json`` (docs/architecture.md, "Manifest").
+    """
+    path = Path(manifest_path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read manifest ({error})") from error
+    entries = {str(c.get("case")): c for c in manifest.get("cases", [])}
+    test = manifest.get("test")
+    if not isinstance(test, list) or not test:
+        raise ValueError(f"{path}: manifest has no 'test' case list")
+    out = {}
+    for case in test:
+        entry = entries.get(str(case))
+        if entry is None or "label" not in entry:
+            raise ValueError(f"{path}: test case {case!r} has no entry with a 'label' path")
+        out[str(case)] = _resolve(str(entry["label"]), path, manifest.get("root"))
+    return out
+
+
+def _check_geometry(pred: sitk.Image, ref: sitk.Image, pred_path: Path) -> None:
+    """Prediction and reference must share the original grid (size exactly, spacing/origin to 1e-4 mm)."""
+    if pred.GetSize() != ref.GetSize():
+        raise ValueError(f"{pred_path}: size {pred.GetSize()} differs from the reference {ref.GetSize()}")
+    for name in ("GetSpacing", "GetOrigin", "GetDirection"):
+        a, b = getattr(pred, name)(), getattr(ref, name)()
+        if not np.allclose(a, b, atol=1e-4):
+            raise ValueError(f"{pred_path}: {name[3:].lower()} {a} differs from the reference {b}")
+
+
+def evaluate_case(
+    pred: np.ndarray, ref: np.ndarray, organs: Sequence[str], spacing_zyx: Sequence[float]
+) -> list[tuple[str, float, float]]:
+    """``(organ, dice, hd95)`` for each organ on global-class label maps of one case.
+
+    Parameters
+    ----------
+    pred, ref:
+        Global-class label maps ``[Z, Y, X]`` on the same grid.
+    organs:
+        Organs to score.
+    spacing_zyx:
+        Voxel spacing (z, y, x) in mm.
+    """
+    rows = []
+    for organ in organs:
+        value = CLASS_INDEX[organ]
+        p, r = pred == value, ref == value
+        rows.append((organ, dice(p, r), hd95(p, r, spacing_zyx)))
+    return rows
+
+
+def evaluate_site(
+    *,
+    predictions_dir: str | os.PathLike[str],
+    manifest_path: str | os.PathLike[str],
+    labels: Mapping[str, Sequence[int]],
+    model: str,
+    site: str,
+    out_csv: str | os.PathLike[str],
+    model_organs: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Score a model's predictions of a site's test cases; write a tidy CSV and return it.
+
+    Parameters
+    ----------
+    predictions_dir:
+        ``{case}.nii.gz`` in global classes and original geometry (:func:`fedpsmos.inference.predict_site`).
+    manifest_path:
+        The site's manifest (test split and raw label paths).
+    labels:
+        The site's label map ``{organ: [site values]}`` (config ``sites.{site}.labels``).
+    model, site:
+        Values of the ``model`` (model id, e.g. ``adapted/decoder``) and ``site`` columns.
+    out_csv:
+        Output CSV with columns ``model, site, case, organ, dice, hd95`` (HD95 in mm), written atomically.
+    model_organs:
+        Organs the model outputs, when not all (site-alone models); ``None``: all.
+    """
+    organs = [o for o in labelled_organs(labels) if model_organs is None or o in set(model_organs)]
+    if not organs:
+        raise ValueError(f"{manifest_path}: site {site} labels none of the organs model {model} outputs")
+    rows = []
+    for case, label_path in reference_labels(manifest_path).items():
+        pred_path = Path(predictions_dir) / f"{case}.nii.gz"
+        if not pred_path.is_file():
+            raise FileNotFoundError(f"{pred_path}: prediction of test case {case} not found")
+        ref_image = sitk.ReadImage(str(label_path))
+        pred_image = sitk.ReadImage(str(pred_path))
+        _check_geometry(pred_image, ref_image, pred_path)
+        ref = apply_label_map_image(ref_image, labels)
+        pred = sitk.GetArrayFromImage(pred_image)
+        spacing_zyx = ref_image.GetSpacing()[::-1]
+        for organ, dc, hd in evaluate_case(pred, ref, organs, spacing_zyx):
+            rows.append((model, site, case, organ, dc, hd))
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    with atomic_path(out_csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    return frame

@@ -1,0 +1,254 @@
+"""Predict a site's test cases and write them in the original geometry (DESIGN.md "Training": inference).
+
+For each test case of a site's manifest: load its preprocessed ``.npz``, run the Gaussian sliding window
+(:mod:`fedpsmos.inference.sliding_window`), take the argmax over the model's classes, map them to the global
+class values (a site-alone model outputs only its site's organs, named in its checkpoint's
+``meta["organs"]``), bring the label map back to the original grid by nearest neighbour
+(:func:`fedpsmos.preprocessing.resample.resample_label_to_geometry`) and write ``{case}.nii.gz`` (uint8) with
+the original size, spacing, origin and direction. The output directory appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from fedpsmos.inference.sliding_window import predict_logits
+from fedpsmos.network import NetworkSpec, build_network
+from fedpsmos.organs import CLASS_INDEX, CLASSES
+from fedpsmos.preprocessing.resample import resample_label_to_geometry
+from fedpsmos.training.checkpoint import load_checkpoint, load_model_state
+
+NPZ_KEYS = ("image", "spacing", "sitk_size", "sitk_spacing", "sitk_origin", "sitk_direction")
+
+
+def output_classes(organs: Sequence[str]) -> tuple[str, ...]:
+    """Class names of a model's output channels, background first, from its checkpoint's ``meta["organs"]``.
+
+    Parameters
+    ----------
+    organs:
+        Global organ names the model outputs, with or without a leading ``"background"``.
+    """
+    names = tuple(organs)
+    if not names or names[0] != "background":
+        names = ("background", *names)
+    unknown = [n for n in names[1:] if n not in CLASS_INDEX or n == "background"]
+    if unknown:
+        raise ValueError(f"unknown organ(s) {unknown} in model classes (known: {', '.join(CLASSES[1:])})")
+    return names
+
+
+def class_lookup(classes: Sequence[str]) -> np.ndarray:
+    """Output channel index -> global class value (uint8), for mapping an argmax to global labels.
+
+    Parameters
+    ----------
+    classes:
+        Channel names, background first (:func:`output_classes`).
+    """
+    return np.asarray([CLASS_INDEX[name] for name in classes], dtype=np.uint8)
+
+
+def load_model(model_path: str | os.PathLike[str], device: torch.device) -> tuple[nn.Module, tuple[str, ...]]:
+    """Build the network recorded in a checkpoint, load its weights, and return it with its class names.
+
+    Parameters
+    ----------
+    model_path:
+        A checkpoint written by :func:`fedpsmos.training.checkpoint.save_checkpoint`.
+    device:
+        Where the network is placed.
+    """
+    payload = load_checkpoint(Path(model_path))
+    meta = payload.get("meta", {})
+    if "network" not in meta or "organs" not in meta:
+        raise ValueError(f"{model_path}: checkpoint meta lacks 'network' or 'organs'")
+    spec = NetworkSpec.from_dict(meta["network"])
+    classes = output_classes(meta["organs"])
+    if spec.num_classes != len(classes):
+        raise ValueError(f"{model_path}: network has {spec.num_classes} outputs, meta names {list(classes)}")
+    net = build_network(spec)
+    load_model_state(net, payload["model"], source=Path(model_path))
+    net.to(device).eval()
+    return net, classes
+
+
+def load_case(npz_path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Read the arrays inference needs from a preprocessed case (docs/architecture.md, "Preprocessed case").
+
+    Parameters
+    ----------
+    npz_path:
+        ``results/preprocessed/{site}/{case}.npz``.
+    """
+    path = Path(npz_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: preprocessed case not found")
+    with np.load(path) as data:
+        missing = [k for k in NPZ_KEYS if k not in data.files]
+        if missing:
+            raise ValueError(f"{path}: preprocessed case lacks keys {missing}")
+        case = {k: np.asarray(data[k]) for k in NPZ_KEYS}
+    if case["image"].ndim != 3:
+        raise ValueError(f"{path}: image must be [Z, Y, X], got shape {case['image'].shape}")
+    return case
+
+
+def predict_label(
+    net: nn.Module,
+    classes: Sequence[str],
+    case: dict[str, np.ndarray],
+    *,
+    patch_size: Sequence[int],
+    step: float,
+    mirror: bool,
+    device: torch.device,
+) -> np.ndarray:
+    """Global-class label map ``[Z, Y, X]`` (uint8) of one preprocessed case, on the preprocessed grid.
+
+    Parameters
+    ----------
+    net, classes:
+        The network and its channel names (:func:`load_model`).
+    case:
+        Arrays from :func:`load_case`.
+    patch_size, step, mirror, device:
+        Sliding-window settings (:func:`fedpsmos.inference.sliding_window.predict_logits`).
+    """
+    logits = predict_logits(
+        net, case["image"].astype(np.float32), patch_size=patch_size, step=step, mirror=mirror, device=device
+    )
+    if logits.shape[0] != len(classes):
+        raise ValueError(
+            f"network outputs {logits.shape[0]} channels but its checkpoint names {len(classes)}"
+        )
+    channel = logits.argmax(dim=0).to(torch.uint8).cpu().numpy()
+    return class_lookup(classes)[channel]
+
+
+def label_to_image(label_zyx: np.ndarray, case: dict[str, np.ndarray]) -> sitk.Image:
+    """Resample a preprocessed-grid label back to the original grid and attach the original geometry.
+
+    Parameters
+    ----------
+    label_zyx:
+        Global-class label map on the preprocessed grid (``case["spacing"]``).
+    case:
+        Arrays from :func:`load_case` (the ``sitk_*`` geometry).
+    """
+    original = resample_label_to_geometry(
+        label_zyx,
+        spacing_zyx=case["spacing"].tolist(),
+        sitk_size=case["sitk_size"].tolist(),
+        sitk_spacing=case["sitk_spacing"].tolist(),
+        sitk_origin=case["sitk_origin"].tolist(),
+        sitk_direction=case["sitk_direction"].tolist(),
+    )
+    image = sitk.GetImageFromArray(np.ascontiguousarray(original, dtype=np.uint8))
+    image.SetSpacing([float(v) for v in case["sitk_spacing"]])
+    image.SetOrigin([float(v) for v in case["sitk_origin"]])
+    image.SetDirection([float(v) for v in case["sitk_direction"]])
+    if list(image.GetSize()) != [int(v) for v in case["sitk_size"]]:
+        raise RuntimeError(
+            f"resampled size {image.GetSize()} differs from the original {list(case['sitk_size'])}"
+        )
+    return image
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike[str]):
+    """Yield a temporary directory beside ``target`` that replaces ``target`` only if the block succeeds.
+
+    Parameters
+    ----------
+    target:
+        The directory to produce; an existing one is replaced.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def manifest_test_cases(manifest_path: str | os.PathLike[str]) -> list[str]:
+    """Test case ids of a site's manifest.
+
+    Parameters
+    ----------
+    manifest_path:
+        ``results/data/{site}/manifest.json``.
+    """
+    path = Path(manifest_path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read manifest ({error})") from error
+    cases = manifest.get("test")
+    if not isinstance(cases, list) or not cases:
+        raise ValueError(f"{path}: manifest has no 'test' case list")
+    return [str(c) for c in cases]
+
+
+def predict_site(
+    *,
+    model_path: str | os.PathLike[str],
+    manifest_path: str | os.PathLike[str],
+    npz_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    patch_size: Sequence[int],
+    step: float = 0.5,
+    mirror: bool = False,
+    device: str | torch.device | None = None,
+) -> list[Path]:
+    """Predict every test case of a site and write ``{out_dir}/{case}.nii.gz`` in the original geometry.
+
+    Parameters
+    ----------
+    model_path:
+        Checkpoint of the model to apply.
+    manifest_path:
+        The site's manifest; its ``test`` list selects the cases.
+    npz_dir:
+        Directory of the site's preprocessed ``{case}.npz``.
+    out_dir:
+        Prediction directory, written whole (temporary sibling renamed at the end).
+    patch_size, step, mirror:
+        Sliding-window settings (patch as in training, tile step 0.5, optional mirroring).
+    device:
+        ``"cpu"``, ``"cuda"``...; default CUDA when available.
+    """
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    cases = manifest_test_cases(manifest_path)
+    net, classes = load_model(model_path, dev)
+    written = []
+    with atomic_directory(out_dir) as tmp:
+        for case_id in cases:
+            case = load_case(Path(npz_dir) / f"{case_id}.npz")
+            label = predict_label(
+                net, classes, case, patch_size=patch_size, step=step, mirror=mirror, device=dev
+            )
+            sitk.WriteImage(label_to_image(label, case), str(tmp / f"{case_id}.nii.gz"), useCompression=True)
+            written.append(Path(out_dir) / f"{case_id}.nii.gz")
+    return written

@@ -1,0 +1,220 @@
+"""Sliding-window inference with Gaussian importance weighting (DESIGN.md "Training": inference).
+
+The volume is covered by patches at nnU-Net v2's tile positions (``compute_steps_for_sliding_window``: at most
+``step * patch`` voxels apart, spread evenly so the last tile ends at the border). Each tile's output is
+weighted by a Gaussian importance map (``compute_gaussian``: a unit impulse at the patch centre blurred with
+sigma = 1/8 of the patch on each axis, scaled to a maximum of 1, zeros replaced by the smallest positive
+value so every voxel has weight) and the weighted sum is divided by the summed weights. An image smaller than
+the patch is padded with zeros around its centre, as nnU-Net's ``pad_nd_image`` does, and cropped back.
+
+Differences from nnU-Net's predictor, on purpose: accumulation is in float32 (nnU-Net uses float16, which is
+why its logits differ from ours by about 1e-3), tiles may be batched, and ``accumulate="softmax"`` averages
+probabilities instead of logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+from torch import nn
+
+
+def compute_gaussian(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
+    """Gaussian importance map of a patch, maximum 1 and strictly positive (nnU-Net v2 ``compute_gaussian``).
+
+    Parameters
+    ----------
+    patch_size:
+        Patch shape (z, y, x) in voxels.
+    sigma_scale:
+        Sigma on each axis as a fraction of the patch size (nnU-Net: 1/8).
+    """
+    impulse = np.zeros(tuple(int(p) for p in patch_size), dtype=np.float64)
+    impulse[tuple(int(p) // 2 for p in patch_size)] = 1.0
+    gaussian = gaussian_filter(impulse, [p * sigma_scale for p in patch_size], 0, mode="constant", cval=0)
+    gaussian /= gaussian.max()
+    # A zero weight far from the centre would divide by zero where only that tile covers a voxel.
+    gaussian[gaussian == 0] = gaussian[gaussian > 0].min()
+    return gaussian.astype(np.float32)
+
+
+def compute_steps(image_size: Sequence[int], patch_size: Sequence[int], step: float) -> list[list[int]]:
+    """Tile start positions per axis (nnU-Net v2 ``compute_steps_for_sliding_window``).
+
+    Parameters
+    ----------
+    image_size:
+        Image shape (z, y, x), at least ``patch_size`` on every axis (pad first).
+    patch_size:
+        Patch shape (z, y, x).
+    step:
+        Largest distance between tiles as a fraction of the patch, in (0, 1].
+    """
+    if not 0 < step <= 1:
+        raise ValueError(f"tile step must be in (0, 1], got {step}")
+    if any(i < p for i, p in zip(image_size, patch_size, strict=True)):
+        raise ValueError(
+            f"image {tuple(image_size)} is smaller than the patch {tuple(patch_size)}; pad it first"
+        )
+    steps = []
+    for i, p in zip(image_size, patch_size, strict=True):
+        n = int(np.ceil((i - p) / (p * step))) + 1
+        width = (i - p) / (n - 1) if n > 1 else 0.0
+        steps.append([int(np.round(width * k)) for k in range(n)])
+    return steps
+
+
+def coverage_weights(image_size: Sequence[int], patch_size: Sequence[int], step: float) -> np.ndarray:
+    """Summed Gaussian weight each voxel receives from the tiles (the normaliser of :func:`predict_logits`).
+
+    Where it is tiny (image corners, covered only by a tile's corner) nnU-Net's float16 accumulation loses
+    precision; comparisons with it should look where this weight is reasonable.
+
+    Parameters
+    ----------
+    image_size, patch_size, step:
+        Padded image shape, tile shape and tile step, as in :func:`compute_steps`.
+    """
+    patch = tuple(int(p) for p in patch_size)
+    gaussian = compute_gaussian(patch).astype(np.float64)
+    weights = np.zeros(tuple(int(i) for i in image_size), dtype=np.float64)
+    for start in itertools.product(*compute_steps(image_size, patch, step)):
+        weights[tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))] += gaussian
+    return weights
+
+
+def _padding(image_size: Sequence[int], patch_size: Sequence[int]) -> list[tuple[int, int]]:
+    """Before/after padding per axis centring the image in at least the patch (nnU-Net ``pad_nd_image``)."""
+    pads = []
+    for i, p in zip(image_size, patch_size, strict=True):
+        total = max(0, int(p) - int(i))
+        pads.append((total // 2, total - total // 2))
+    return pads
+
+
+@contextlib.contextmanager
+def _single_output(net: nn.Module) -> Iterator[None]:
+    """Switch deep supervision off for the duration (only the full-resolution head is used), then restore."""
+    decoder = getattr(net, "decoder", None)
+    previous = getattr(decoder, "deep_supervision", None)
+    if previous is not None:
+        decoder.deep_supervision = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if previous is not None:
+            decoder.deep_supervision = previous  # type: ignore[union-attr]
+
+
+def _forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Network output at full resolution: element 0 when the network returns deep-supervision outputs."""
+    out = net(x)
+    if isinstance(out, list | tuple):
+        out = out[0]
+    return out
+
+
+def _mirrored_forward(net: nn.Module, x: torch.Tensor, mirror: bool) -> torch.Tensor:
+    """Forward, averaged over every combination of flipped spatial axes when ``mirror`` (nnU-Net's TTA)."""
+    out = _forward(net, x).float()
+    if not mirror:
+        return out
+    axes = (2, 3, 4)
+    combos = [c for r in range(1, 4) for c in itertools.combinations(axes, r)]
+    for combo in combos:
+        out += torch.flip(_forward(net, torch.flip(x, combo)).float(), combo)
+    return out / (len(combos) + 1)
+
+
+def predict_logits(
+    net: nn.Module,
+    image: np.ndarray | torch.Tensor,
+    *,
+    patch_size: Sequence[int],
+    step: float = 0.5,
+    mirror: bool = False,
+    device: torch.device | str | None = None,
+    batch_size: int = 1,
+    accumulate: str = "logits",
+) -> torch.Tensor:
+    """Gaussian-weighted sliding-window prediction of a whole ``[Z, Y, X]`` volume (module docstring).
+
+    Parameters
+    ----------
+    net:
+        Segmentation network taking ``[B, 1, z, y, x]``; a list output (deep supervision) uses element 0.
+    image:
+        Normalised image ``[Z, Y, X]`` (float32).
+    patch_size:
+        Tile shape (z, y, x), the training patch size.
+    step:
+        Tile step as a fraction of the patch (nnU-Net: 0.5).
+    mirror:
+        Average over all 7 flips of the three axes as well (test-time augmentation).
+    device:
+        Where the network runs and the sums accumulate; default: the network's parameters' device.
+    batch_size:
+        Tiles per forward pass.
+    accumulate:
+        ``"logits"`` (nnU-Net's choice) or ``"softmax"`` (average probabilities).
+
+    Returns
+    -------
+    ``[C, Z, Y, X]`` float32 on ``device``: weighted mean logits (or probabilities); an inference-mode tensor,
+    so clone it before modifying it in place outside ``torch.inference_mode``.
+    """
+    if accumulate not in ("logits", "softmax"):
+        raise ValueError(f"accumulate must be 'logits' or 'softmax', got {accumulate!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    patch = tuple(int(p) for p in patch_size)
+    if image.ndim != 3 or len(patch) != 3:
+        raise ValueError(f"expected a [Z, Y, X] image and a 3-D patch, got {tuple(image.shape)} and {patch}")
+    if device is None:
+        first = next(net.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    data = torch.as_tensor(image, dtype=torch.float32)
+    shape = tuple(data.shape)
+    pads = _padding(shape, patch)
+    if any(before or after for before, after in pads):
+        # F.pad takes the last axis first.
+        flat = [v for before_after in reversed(pads) for v in before_after]
+        data = torch.nn.functional.pad(data, flat, mode="constant", value=0.0)
+    data = data.to(device)
+    padded = tuple(data.shape)
+    starts = list(itertools.product(*compute_steps(padded, patch, step)))
+    gaussian = torch.from_numpy(compute_gaussian(patch)).to(device)
+
+    net.eval()
+    summed: torch.Tensor | None = None
+    weights = torch.zeros(padded, dtype=torch.float32, device=device)
+    use_autocast = device.type == "cuda"  # nnU-Net runs CUDA inference in mixed precision too
+    with torch.inference_mode(), _single_output(net):
+        for first_tile in range(0, len(starts), batch_size):
+            batch_starts = starts[first_tile : first_tile + batch_size]
+            slices = [tuple(slice(s, s + p) for s, p in zip(b, patch, strict=True)) for b in batch_starts]
+            with torch.inference_mode(False):
+                # A normal (not inference-mode) input tensor, as nnU-Net's producer thread makes: CPU
+                # convolutions measured slower on inference-mode inputs.
+                tiles = torch.stack([data[sl] for sl in slices])[:, None]  # b, 1, z, y, x
+            with torch.autocast("cuda") if use_autocast else contextlib.nullcontext():
+                out = _mirrored_forward(net, tiles, mirror)  # b, c, z, y, x
+            out = out.float()
+            if accumulate == "softmax":
+                out = torch.softmax(out, dim=1)
+            if summed is None:
+                summed = torch.zeros((out.shape[1], *padded), dtype=torch.float32, device=device)
+            out *= gaussian
+            for k, sl in enumerate(slices):
+                summed[(slice(None), *sl)] += out[k]
+                weights[sl] += gaussian
+        assert summed is not None  # at least one tile always exists
+        summed /= weights
+    crop = tuple(slice(before, before + n) for (before, _), n in zip(pads, shape, strict=True))
+    return summed[(slice(None), *crop)]

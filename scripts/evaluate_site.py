@@ -1,0 +1,29 @@
+"""Snakemake entry point of rule evaluate_site: predictions + the site's raw labels -> metrics.csv."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from fedpsmos.evaluation.evaluate import evaluate_site
+
+
+def main(snakemake) -> None:
+    """Dice and HD95 per test case and labelled organ."""
+    organs = snakemake.params.get("model_organs")
+    evaluate_site(
+        predictions_dir=snakemake.input.predictions,
+        manifest_path=snakemake.input.manifest,
+        labels=dict(snakemake.params.labels),
+        model=str(snakemake.params.model),
+        site=str(snakemake.params.site),
+        out_csv=snakemake.output.metrics,
+        model_organs=list(organs) if organs else None,
+    )
+
+
+if "snakemake" in globals():
+    if snakemake.log:  # noqa: F821
+        sys.stderr = open(snakemake.log[0], "w")  # noqa: F821
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    main(snakemake)  # noqa: F821

@@ -1,0 +1,33 @@
+"""Snakemake entry point of rule predict_site: a model + a site's test cases -> predictions/{case}.nii.gz."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from fedpsmos.inference.predict import predict_site
+
+
+def main(snakemake) -> None:
+    """Predict the site's test cases in their original geometry."""
+    cases = [Path(p) for p in snakemake.input.cases]
+    folders = {p.parent for p in cases}
+    if len(folders) != 1:
+        raise ValueError(f"input.cases must lie in one folder, got {sorted(map(str, folders))}")
+    predict_site(
+        model_path=snakemake.input.model,
+        manifest_path=snakemake.input.manifest,
+        npz_dir=folders.pop(),
+        out_dir=snakemake.output.predictions,
+        patch_size=[int(v) for v in snakemake.params.patch_size],
+        step=float(snakemake.params.step),
+        mirror=bool(snakemake.params.mirror),
+    )
+
+
+if "snakemake" in globals():
+    if snakemake.log:  # noqa: F821
+        sys.stderr = open(snakemake.log[0], "w")  # noqa: F821
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    main(snakemake)  # noqa: F821
