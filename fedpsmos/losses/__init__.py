@@ -1,0 +1,24 @@
+"""Partial-supervision losses (paper Sec. 4.1, DESIGN.md "Losses"): conventional, marginal, exclusion forms.
+
+Modules, one concept each:
+
+- ``conventional``: Dice, CE, focal, top-k and Lovasz-softmax on prepared probabilities (paper Eq. 3-7 with
+  q = p).
+- ``marginal``: the marginal preparation, unlabelled organs merged into background (Shi et al. Eq. 2).
+- ``exclusion``: exclusion targets and the five exclusion terms (paper Eq. 8-13, this project's reading).
+- ``lovasz``: the Lovasz extension of the Jaccard loss, batched over classes (Berman et al. 2018).
+- ``compose``: :class:`PartialLoss` and :func:`build_loss` (weights from the config's loss combinations).
+- ``deep_supervision``: :class:`DeepSupervisionLoss` (nnU-Net v2 weights and nearest-downsampled targets)."""
+
+from fedpsmos.losses.compose import SIDES, TERM_NAMES, PartialLoss, build_loss
+from fedpsmos.losses.deep_supervision import DeepSupervisionLoss, deep_supervision_weights, downsample_target
+
+__all__ = [
+    "SIDES",
+    "TERM_NAMES",
+    "DeepSupervisionLoss",
+    "PartialLoss",
+    "build_loss",
+    "deep_supervision_weights",
+    "downsample_target",
+]
