@@ -1,7 +1,5 @@
 """Snakemake entry point of rule evaluate_site: predictions + the site's raw labels -> metrics.csv."""
 
-from __future__ import annotations
-
 import logging
 import sys
 

@@ -1,7 +1,5 @@
 """Snakemake entry point of rule index_patches: a site's train cases -> results/patches/{site}.parquet."""
 
-from __future__ import annotations
-
 import sys
 
 from fedpsmos.patches import index_site

@@ -1,7 +1,5 @@
 """Snakemake entry point of rule make_figures: metrics, predictions and curves -> results/paper/fig_*.png."""
 
-from __future__ import annotations
-
 import logging
 import sys
 

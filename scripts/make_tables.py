@@ -1,7 +1,5 @@
 """Snakemake entry point of rule make_tables: all metrics CSVs + benchmarks -> results/paper/table{2..6}.*."""
 
-from __future__ import annotations
-
 import logging
 import sys
 from pathlib import Path

@@ -1,7 +1,5 @@
 """Snakemake entry point of rule predict_site: a model + a site's test cases -> predictions/{case}.nii.gz."""
 
-from __future__ import annotations
-
 import logging
 import sys
 from pathlib import Path

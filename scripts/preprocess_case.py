@@ -1,7 +1,5 @@
 """Snakemake entry point of rule preprocess_case: one case -> results/preprocessed/{site}/{case}.npz."""
 
-from __future__ import annotations
-
 import sys
 
 from fedpsmos.preprocessing.case import preprocess_manifest_case

@@ -179,18 +179,11 @@ def get_block_rounds(wildcards):
 
 
 def get_federation_end(wildcards):
-    """The last round's files: one global per round (per-round rules) or the last block's record."""
+    """What must exist before the federated model is final: every round (per-round rules) or every block."""
     setting = wildcards.setting
     if ROUNDS_PER_JOB == 1:
-        return {
-            "last_global": f"results/federated/{setting}/round_{n_rounds(setting)}/global.pt",
-            "records": expand(
-                "results/federated/{setting}/round_{r}/record.json",
-                setting=setting,
-                r=range(1, n_rounds(setting) + 1),
-            ),
-        }
-    return {"blocks": expand("results/federated/{setting}/block_{b}.json", setting=setting, b=range(n_blocks(setting)))}
+        return get_round_records(wildcards) + [get_last_global(wildcards)]
+    return expand("results/federated/{setting}/block_{b}.json", setting=setting, b=range(n_blocks(setting)))
 
 
 def get_federated_settings(wildcards):
@@ -323,10 +316,29 @@ def get_local_iterations(wildcards):
     return SETTINGS[wildcards.setting]["local_iterations"]
 
 
-def get_block_site_inputs(wildcards):
-    """A block job's inputs: the previous global state and every site's data, each read by its own worker."""
-    inputs = {"previous": get_previous_block(wildcards)}
-    for site in SITES:
-        for key, value in site_inputs(site).items():
-            inputs[f"{site}_{key}"] = value
-    return inputs
+def get_block_inputs(wildcards):
+    """A block job's inputs: the previous block's state and every site's data, each read by its own worker."""
+    return {
+        "previous": get_previous_block(wildcards),
+        "manifests": [site_inputs(s)["manifest"] for s in SITES],
+        "patches": [site_inputs(s)["patches"] for s in SITES],
+        "cases": [c for s in SITES for c in site_inputs(s)["cases"]],
+    }
+
+
+def get_block_first_global(wildcards):
+    """The global model a block starts from (written by the previous block, or by init_federation)."""
+    first, _ = block_rounds(wildcards.setting, int(wildcards.b))
+    return f"results/federated/{wildcards.setting}/round_{first - 1}/global.pt"
+
+
+def get_last_global(wildcards):
+    return f"results/federated/{wildcards.setting}/round_{n_rounds(wildcards.setting)}/global.pt"
+
+
+def get_round_records(wildcards):
+    return expand(
+        "results/federated/{setting}/round_{r}/record.json",
+        setting=wildcards.setting,
+        r=range(1, n_rounds(wildcards.setting) + 1),
+    )

@@ -48,6 +48,7 @@ if ROUNDS_PER_JOB == 1:
     rule aggregate_round:
         input:
             sites=get_round_sites,
+            previous_global=get_previous_global,
         output:
             global_model="results/federated/{setting}/round_{r}/global.pt",
             record="results/federated/{setting}/round_{r}/record.json",
@@ -65,7 +66,7 @@ else:
 
     rule run_round_block:
         input:
-            unpack(get_block_site_inputs),
+            unpack(get_block_inputs),
         output:
             block="results/federated/{setting}/block_{b}.json",
         log:
@@ -73,9 +74,9 @@ else:
         benchmark:
             "results/benchmarks/run_round_block/{setting}/block_{b}.tsv"
         params:
+            global_model=get_block_first_global,
             rounds=get_block_rounds,
-            setting_dir="results/federated/{setting}",
-            sites=[site_descriptor(s) for s in SITES],
+            sites=SITES,
             local_iterations=get_local_iterations,
             loss=COMBINATIONS[LOSSES["default"]],
             training=config["training"],
@@ -92,19 +93,20 @@ else:
 
 rule finalise_federation:
     input:
-        unpack(get_federation_end),
+        get_federation_end,
     output:
         model="results/models/federated/{setting}/model.pt",
-        rounds_csv="results/models/federated/{setting}/rounds.csv",
-        rounds_png=report(
+        csv="results/models/federated/{setting}/rounds.csv",
+        png=report(
             "results/models/federated/{setting}/rounds.png",
-            caption="../report/federated_curve.rst",
+            caption="../report/fig_federated_curves.rst",
             category="Training curves",
         ),
     log:
         "logs/finalise_federation/{setting}.log",
     params:
-        setting_dir="results/federated/{setting}",
-        rounds=get_federated_settings,
+        global_model=get_last_global,
+        records=get_round_records,
+        setting="{setting}",
     script:
         "../../scripts/finalise_federation.py"

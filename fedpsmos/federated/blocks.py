@@ -1,0 +1,360 @@
+"""K federated rounds in one job: one worker process per site, FedAvg in the coordinating process.
+
+DESIGN.md "Scale": 2000 rounds x 5 sites is too many jobs for Snakemake and a SLURM queue, so the paper
+config runs blocks of rounds per cluster job. A block keeps the per-round contract of
+:mod:`fedpsmos.federated.rounds` exactly: every round still writes ``round_{r}/{site}.pt``,
+``private/{site}/round_{r}.pt``, ``round_{r}/global.pt`` and ``round_{r}/record.json``, the site files are
+written by the site's worker, and the coordinator reads them with
+:func:`~fedpsmos.federated.rounds.aggregate_round`, the function the per-round aggregation rule calls.
+
+The privacy boundary is the process boundary: each worker (``spawn`` context, so nothing is inherited from
+the coordinator's memory) is given only its own site's ``SiteData`` and reads only its own files and the
+global model. It keeps its trainer state in memory between rounds and writes it every round. On CUDA worker
+``i`` takes ``cuda:{i % n_gpus}``.
+
+Resume: a block restarts from the first round in ``first..last`` that is not complete (all of its files
+exist and verify), reloading each site's private state of the round before. Since every local round's
+randomness is seeded by ``(seed, site, round)`` (rounds.py), a resumed block and the per-round rules compute
+the same weights as an uninterrupted block (CPU, same thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing as mp
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedpsmos.federated.rounds import (
+    LocalSettings,
+    RoundError,
+    SiteRunner,
+    aggregate_round,
+    global_model_path,
+    local_settings,
+    private_state_path,
+    record_path,
+    site_data_from_files,
+    site_model_path,
+)
+from fedpsmos.training.checkpoint import CheckpointError, load_checkpoint
+from fedpsmos.training.sampler import SiteData
+
+log = logging.getLogger(__name__)
+
+_JOIN_TIMEOUT_S = 30.0
+
+
+def round_complete(setting_dir: str | Path, round_index: int, sites: Sequence[str]) -> bool:
+    """Whether every file of round ``r`` exists and verifies (global, record, site models, private states).
+
+    Parameters
+    ----------
+    setting_dir:
+        ``results/federated/{setting}``.
+    round_index:
+        ``r``.
+    sites:
+        Site names.
+    """
+    try:
+        record = json.loads(record_path(setting_dir, round_index).read_text())
+        if record.get("round") != round_index:
+            return False
+        paths = [global_model_path(setting_dir, round_index)]
+        paths += [site_model_path(setting_dir, round_index, s) for s in sites]
+        paths += [private_state_path(setting_dir, s, round_index) for s in sites]
+        for path in paths:
+            load_checkpoint(path)
+    except (OSError, ValueError, CheckpointError):
+        return False
+    return True
+
+
+def resume_round(setting_dir: str | Path, first_round: int, last_round: int, sites: Sequence[str]) -> int:
+    """The first round of ``first..last`` that is not complete (``last + 1`` if all are).
+
+    Parameters
+    ----------
+    setting_dir:
+        ``results/federated/{setting}``.
+    first_round, last_round:
+        The block's rounds, inclusive.
+    sites:
+        Site names.
+    """
+    for r in range(first_round, last_round + 1):
+        if not round_complete(setting_dir, r, sites):
+            return r
+    return last_round + 1
+
+
+def worker_devices(device: str, n_workers: int) -> list[str]:
+    """Device of each site worker: ``cuda:{i % n_gpus}`` when ``device`` is CUDA, else ``device``.
+
+    Parameters
+    ----------
+    device:
+        ``cpu``, ``cuda`` or ``cuda:N`` (an explicit index pins every worker to that GPU).
+    n_workers:
+        Number of site workers.
+    """
+    if device == "cuda":
+        n_gpus = torch.cuda.device_count()
+        if n_gpus == 0:
+            raise RuntimeError("device 'cuda' requested but no CUDA device is visible")
+        return [f"cuda:{i % n_gpus}" for i in range(n_workers)]
+    return [device] * n_workers
+
+
+def run_block(
+    *,
+    setting_dir: str | Path,
+    first_round: int,
+    last_round: int,
+    sites: Sequence[SiteData],
+    local: LocalSettings,
+    local_iterations: int,
+    seed: int,
+    attempts: int,
+    on_site_failure: str,
+    threads_per_worker: int = 1,
+) -> list[dict[str, Any]]:
+    """Run rounds ``first..last`` in one job, resuming after the last complete round; return their records.
+
+    Parameters
+    ----------
+    setting_dir:
+        ``results/federated/{setting}``; ``round_{first-1}/global.pt`` must exist, and, when ``first > 1``,
+        every site's ``private/{site}/round_{first-1}.pt``.
+    first_round, last_round:
+        The block's rounds, inclusive (``1 <= first <= last``).
+    sites:
+        One :class:`~fedpsmos.training.sampler.SiteData` per site; worker ``i`` receives ``sites[i]`` only.
+    local:
+        Loss, training settings, patch size and device (``cpu``, ``cuda`` = one GPU per worker round-robin).
+    local_iterations, seed, attempts, on_site_failure:
+        As for :func:`~fedpsmos.federated.rounds.run_site_round`.
+    threads_per_worker:
+        ``torch.set_num_threads`` in each worker (CPU runs).
+    """
+    if not 1 <= first_round <= last_round:
+        raise ValueError(f"block rounds must satisfy 1 <= first <= last, got {first_round}..{last_round}")
+    names = [str(s.site) for s in sites]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"block sites must be distinct and non-empty, got {names}")
+    start = resume_round(setting_dir, first_round, last_round, names)
+    if start > first_round:
+        log.info(
+            "block %d..%d: rounds %d..%d complete, resuming at %d",
+            first_round,
+            last_round,
+            first_round,
+            start - 1,
+            start,
+        )
+    if start <= last_round:
+        _run_rounds(
+            setting_dir,
+            start,
+            last_round,
+            sites,
+            local,
+            local_iterations,
+            seed,
+            attempts,
+            on_site_failure,
+            threads_per_worker,
+        )
+    return [json.loads(record_path(setting_dir, r).read_text()) for r in range(first_round, last_round + 1)]
+
+
+def run_block_job(
+    *,
+    previous_global: str | Path,
+    sites: Sequence[str],
+    manifests: Sequence[str | Path],
+    cases: Sequence[str | Path],
+    patches: Sequence[str | Path],
+    first_round: int,
+    last_round: int,
+    local_iterations: int,
+    loss_spec: Any,
+    training: dict[str, Any],
+    patch_size: Sequence[int],
+    seed: int,
+    attempts: int,
+    on_site_failure: str,
+    device: str | None = None,
+    threads_per_worker: int = 1,
+) -> list[dict[str, Any]]:
+    """The block rule's entry point: plain rule inputs and params -> :func:`run_block`.
+
+    Parameters
+    ----------
+    previous_global:
+        ``results/federated/{setting}/round_{first-1}/global.pt``; the setting folder is its grandparent.
+    sites:
+        Site names; ``manifests`` and ``patches`` are in the same order.
+    manifests, patches:
+        Per-site ``manifest.json`` and patch index.
+    cases:
+        Every site's training ``.npz`` in one list; each is assigned to the site named by its folder
+        (``results/preprocessed/{site}/{case}.npz``).
+    first_round, last_round, local_iterations, seed, attempts, on_site_failure:
+        See :func:`run_block`.
+    loss_spec, training, patch_size, device:
+        See :func:`~fedpsmos.federated.rounds.local_settings`.
+    threads_per_worker:
+        Torch threads per site worker.
+    """
+    previous_global = Path(previous_global)
+    if previous_global.parent.name != f"round_{first_round - 1}":
+        raise ValueError(f"{previous_global}: expected the global model of round {first_round - 1}")
+    if not len(sites) == len(manifests) == len(patches):
+        raise ValueError(f"{len(sites)} sites, {len(manifests)} manifests and {len(patches)} patch indices")
+    by_site: dict[str, list[Path]] = {site: [] for site in sites}
+    for path in map(Path, cases):
+        if path.parent.name not in by_site:
+            raise ValueError(f"{path}: case file of no block site (its folder must be the site name)")
+        by_site[path.parent.name].append(path)
+    data = [
+        site_data_from_files(site, manifest, by_site[site], index)
+        for site, manifest, index in zip(sites, manifests, patches, strict=True)
+    ]
+    local = local_settings(loss_spec=loss_spec, training=training, patch_size=patch_size, device=device)
+    return run_block(
+        setting_dir=previous_global.parent.parent,
+        first_round=first_round,
+        last_round=last_round,
+        sites=data,
+        local=local,
+        local_iterations=local_iterations,
+        seed=seed,
+        attempts=attempts,
+        on_site_failure=on_site_failure,
+        threads_per_worker=threads_per_worker,
+    )
+
+
+def _run_rounds(
+    setting_dir: str | Path,
+    start: int,
+    last_round: int,
+    sites: Sequence[SiteData],
+    local: LocalSettings,
+    local_iterations: int,
+    seed: int,
+    attempts: int,
+    on_site_failure: str,
+    threads_per_worker: int,
+) -> None:
+    devices = worker_devices(local.device, len(sites))
+    ctx = mp.get_context("spawn")
+    workers: list[tuple[str, Any, Connection]] = []
+    try:
+        for site_data, device in zip(sites, devices, strict=True):
+            site = str(site_data.site)
+            private_in = private_state_path(setting_dir, site, start - 1) if start > 1 else None
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(
+                target=_site_worker,
+                args=(
+                    theirs,
+                    site_data,
+                    dataclasses.replace(local, device=device),
+                    private_in,
+                    threads_per_worker,
+                ),
+                name=f"fedpsmos-site-{site}",
+                daemon=True,
+            )
+            proc.start()
+            theirs.close()
+            workers.append((site, proc, ours))
+        for r in range(start, last_round + 1):
+            for site, _, conn in workers:
+                conn.send(
+                    {
+                        "global_path": global_model_path(setting_dir, r - 1),
+                        "round_index": r,
+                        "local_iterations": local_iterations,
+                        "seed": seed,
+                        "attempts": attempts,
+                        "on_site_failure": on_site_failure,
+                        "out_site": site_model_path(setting_dir, r, site),
+                        "out_private": private_state_path(setting_dir, site, r),
+                    }
+                )
+            errors = []
+            for site, _, conn in workers:
+                try:
+                    status, message = conn.recv()
+                except EOFError:
+                    status, message = "error", "worker process died"
+                if status != "ok":
+                    errors.append(f"site {site}: {message}")
+            if errors:
+                raise RoundError(f"round {r}: " + "; ".join(errors))
+            aggregate_round(
+                previous_global=global_model_path(setting_dir, r - 1),
+                site_paths=[site_model_path(setting_dir, r, site) for site, _, _ in workers],
+                out_global=global_model_path(setting_dir, r),
+                out_record=record_path(setting_dir, r),
+                round_index=r,
+                policy=on_site_failure,
+            )
+            log.info("round %d aggregated over %d site(s)", r, len(workers))
+    finally:
+        for _, _proc, conn in workers:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            conn.close()
+        for _, proc, _ in workers:
+            proc.join(_JOIN_TIMEOUT_S)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+
+
+def _site_worker(
+    conn: Connection,
+    site_data: SiteData,
+    local: LocalSettings,
+    private_in: Path | None,
+    threads: int,
+) -> None:
+    """A site's process: load its private state once, then run each round the coordinator asks for."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {site_data.site} %(levelname)s %(message)s")
+    runner = SiteRunner(site_data=site_data, local=local)
+    try:
+        runner.load_private(private_in)
+    except Exception as exc:  # reported to the coordinator on the first round request
+        startup_error: Exception | None = exc
+    else:
+        startup_error = None
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        if request is None:
+            return
+        if startup_error is not None:
+            conn.send(("error", f"{startup_error}"))
+            continue
+        try:
+            meta = runner.run_round(**request)
+        except Exception as exc:
+            conn.send(("error", f"{exc}"))
+        else:
+            conn.send(("ok", meta))

@@ -1,0 +1,14 @@
+"""Training (DESIGN.md "Training"): patch sampling and augmentation, the plateau lr rule, checkpoints, the
+trainer and its curves. Modules, one concept each:
+
+- ``sampler``: :class:`SiteData` and :class:`PatchSampler` (site uniformly, then a patch-index row uniformly).
+- ``augmentation``: nnU-Net-style augmentation drawn from the sampler's generator.
+- ``schedule``: :class:`PlateauDecay`, the paper's lr x0.8 on a 10-epoch loss plateau.
+- ``checkpoint``: weights-only checkpoints with tensor integrity records (``save_checkpoint``,
+  ``load_checkpoint``, ``CheckpointError``).
+- ``trainer``: :class:`TrainSettings`, :class:`Trainer`, :func:`train_model` (resumable epochs).
+- ``curves``: the per-epoch CSV and PNG.
+- ``run``: :func:`train_from_params`, the training rules' entry point.
+
+Import from the submodules; this package does not import torch-heavy code eagerly.
+"""

@@ -1,0 +1,467 @@
+"""The trainer: SGD with Nesterov momentum, the plateau lr rule, patch sampling, resumable epochs.
+
+DESIGN.md "Training" (paper Sec. 3): SGD with Nesterov momentum 0.99, weight decay 3e-5, initial lr 0.01,
+lr x0.8 when the training loss fell by less than 0.001 over 10 epochs (:mod:`fedpsmos.training.schedule`),
+2 patches per iteration, 250 iterations an epoch, the loss combination of :func:`fedpsmos.losses.build_loss`
+wrapped in deep supervision. Gradients are clipped to norm 12 as nnU-Net v2 does.
+
+:class:`Trainer` is the unit the federated rounds reuse (a round is ``train_iterations(local_iterations)``
+then ``end_epoch``); :func:`train_model` runs whole epochs for pretraining, central, site-alone and adapted
+models, writing a resume checkpoint after each epoch so that a killed job, rerun, ends with the same weights
+as an uninterrupted run (bit-identical on the CPU for the same seed).
+
+Determinism: every random choice of training (sites, rows, augmentation) comes from the sampler's generator,
+whose state is saved with the optimiser and schedule; initialisation is seeded without touching the global
+generator. The CPU kernels used are deterministic for a given thread count, so no global
+``torch.use_deterministic_algorithms`` switch is set (it would also affect other code in the process). On
+CUDA, cuDNN may pick non-deterministic kernels, so a resumed GPU run matches only to floating-point tolerance.
+Training runs in float32 (no autocast), the same on both devices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from fedpsmos.losses import DeepSupervisionLoss, build_loss
+from fedpsmos.network import NetworkSpec, build_network, freeze
+from fedpsmos.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_model_state,
+    model_state_to_cpu,
+    save_checkpoint,
+    to_cpu,
+)
+from fedpsmos.training.curves import plot_curve, write_curve_csv
+from fedpsmos.training.sampler import PatchSampler, SiteData
+from fedpsmos.training.schedule import PlateauDecay
+
+log = logging.getLogger(__name__)
+
+GRAD_CLIP_NORM = 12.0  # nnU-Net v2's nnUNetTrainer.train_step
+RESUME_NAME = "resume.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged loss, incompatible state or initial weights)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """Optimiser, schedule and sampling settings (config.yaml ``training`` section)."""
+
+    patches_per_iteration: int
+    iterations_per_epoch: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    plateau_window: int
+    plateau_min_decrease: float
+    plateau_factor: float
+    augmentation: bool
+
+    @classmethod
+    def from_config(cls, training: Mapping[str, Any]) -> TrainSettings:
+        """Settings from config.yaml's ``training`` section.
+
+        Parameters
+        ----------
+        training:
+            the section: patches_per_iteration, iterations_per_epoch, lr, momentum, weight_decay,
+            plateau {window, min_decrease, factor}, augmentation (other keys, e.g. epochs, are ignored).
+        """
+        try:
+            plateau = training["plateau"]
+            return cls(
+                patches_per_iteration=int(training["patches_per_iteration"]),
+                iterations_per_epoch=int(training["iterations_per_epoch"]),
+                lr=float(training["lr"]),
+                momentum=float(training["momentum"]),
+                weight_decay=float(training["weight_decay"]),
+                plateau_window=int(plateau["window"]),
+                plateau_min_decrease=float(plateau["min_decrease"]),
+                plateau_factor=float(plateau["factor"]),
+                augmentation=bool(training["augmentation"]),
+            )
+        except KeyError as error:
+            raise KeyError(f"config training: missing key {error.args[0]!r}") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to train on: ``device`` if given, else CUDA when available, else the CPU.
+
+    Parameters
+    ----------
+    device:
+        ``None`` (auto), a name such as ``"cpu"``/``"cuda:0"``, or a device.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Trainer:
+    """Trains a model on patches of the given sites; holds the optimiser, schedule and sampler state."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        sites: Sequence[SiteData],
+        loss_spec: Mapping[str, Any],
+        settings: TrainSettings,
+        seed: int,
+        device: str | torch.device | None = None,
+        freeze_mode: str = "full",
+        class_map: np.ndarray | None = None,
+        patch_size: Sequence[int],
+    ) -> None:
+        """Set up training of ``model`` (moved to ``device``) on ``sites``.
+
+        Parameters
+        ----------
+        model:
+            a network from :func:`fedpsmos.network.build_network`.
+        sites:
+            the training data (only these sites' files are read).
+        loss_spec:
+            ``{"marginal": {...}, "exclusion": {...}}`` for :func:`fedpsmos.losses.build_loss`.
+        settings:
+            optimiser, schedule and sampling settings.
+        seed:
+            seeds patch sampling and augmentation.
+        device:
+            ``None``: CUDA if available, else CPU.
+        freeze_mode:
+            ``full``, ``decoder`` (encoder frozen) or ``encoder`` (decoder frozen).
+        class_map:
+            global class -> model class (site-alone models), see :class:`PatchSampler`.
+        patch_size:
+            (z, y, x) voxels.
+        """
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.settings = settings
+        self.freeze_mode = freeze_mode
+        trainable = freeze(self.model, freeze_mode)
+        self.optimizer = torch.optim.SGD(
+            trainable,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+            nesterov=True,
+        )
+        self.scheduler = PlateauDecay(
+            self.optimizer,
+            window=settings.plateau_window,
+            min_decrease=settings.plateau_min_decrease,
+            factor=settings.plateau_factor,
+        )
+        self.sampler = PatchSampler(
+            sites,
+            patch_size=patch_size,
+            patches_per_iteration=settings.patches_per_iteration,
+            seed=seed,
+            augment=settings.augmentation,
+            class_map=class_map,
+        )
+        loss = build_loss(loss_spec)
+        deep = bool(getattr(getattr(self.model, "decoder", None), "deep_supervision", False))
+        self.loss: nn.Module = DeepSupervisionLoss(loss) if deep else loss
+        self._params = trainable
+
+    @property
+    def lr(self) -> float:
+        """The current learning rate."""
+        return self.scheduler.lr
+
+    def train_iterations(self, n: int, *, progress: bool = False) -> float:
+        """Run ``n`` training iterations and return their mean loss.
+
+        Parameters
+        ----------
+        n:
+            iterations (each one batch of ``patches_per_iteration`` patches).
+        progress:
+            show a tqdm bar on stderr.
+        """
+        if n < 1:
+            raise ValueError(f"need at least one iteration, got {n}")
+        self.model.train()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        non_blocking = self.device.type == "cuda"
+        for _ in tqdm(range(n), disable=not progress, file=sys.stderr, leave=False, unit="it"):
+            image, target, labelled = self.sampler.next_batch()
+            image = image.to(self.device, non_blocking=non_blocking)
+            target = target.to(self.device, non_blocking=non_blocking)
+            labelled = labelled.to(self.device, non_blocking=non_blocking)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(self.model(image), target, labelled)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self._params, GRAD_CLIP_NORM)
+            self.optimizer.step()
+            total += loss.detach()  # stays on the device: one synchronisation per call, not per iteration
+        mean = float(total.item()) / n
+        if not math.isfinite(mean):
+            raise TrainingError(f"training loss is {mean} (diverged)")
+        return mean
+
+    def end_epoch(self, mean_loss: float) -> None:
+        """Feed an epoch's mean loss to the plateau lr rule.
+
+        Parameters
+        ----------
+        mean_loss:
+            the epoch's mean training loss.
+        """
+        if self.scheduler.step(mean_loss):
+            log.info("plateau: lr decayed to %.3g", self.lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimiser, schedule and random-generator state (not the model weights), on the CPU."""
+        rng: dict[str, Any] = {"sampler": self.sampler.state_dict(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "optimizer": to_cpu(self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "freeze_mode": self.freeze_mode,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; without an ``rng`` entry the generators keep their seed.
+
+        Parameters
+        ----------
+        state:
+            a saved state (optimiser state must be for the same trainable parameters).
+        """
+        if state.get("freeze_mode", self.freeze_mode) != self.freeze_mode:
+            raise TrainingError(
+                f"trainer state is for freeze mode {state['freeze_mode']!r}, not {self.freeze_mode!r}"
+            )
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError) as error:
+            raise TrainingError(f"trainer state does not fit this trainer ({error})") from None
+        # The optimiser's own check only counts parameters: also check every buffer's shape.
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None and buf.shape != p.shape:
+                    raise TrainingError(
+                        f"trainer state does not fit this model: momentum of shape {list(buf.shape)} "
+                        f"for a parameter of shape {list(p.shape)}"
+                    )
+        rng = state.get("rng")
+        if rng:
+            self.sampler.load_state_dict(rng["sampler"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+def _plain(data: Any) -> Any:
+    """JSON-round-tripped copy: plain data that compares equal after a checkpoint round trip."""
+    return json.loads(json.dumps(data, default=str))
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of a file, so a resume checkpoint is only reused with the very same initial weights."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as error:
+        raise TrainingError(f"{path}: cannot read initial weights ({error.strerror})") from None
+    return digest.hexdigest()
+
+
+def load_initial_weights(model: nn.Module, init: Path, spec: NetworkSpec) -> None:
+    """Load ``init``'s weights into ``model`` strictly, refusing a checkpoint of another network.
+
+    Parameters
+    ----------
+    model:
+        the network built from ``spec``.
+    init:
+        a model checkpoint whose meta holds its ``network`` spec.
+    spec:
+        the network being trained.
+    """
+    payload = load_checkpoint(init)
+    network = payload["meta"].get("network")
+    if network is not None:
+        theirs = NetworkSpec.from_dict(network)
+        if theirs.num_classes != spec.num_classes:
+            raise TrainingError(
+                f"{init}: initial model outputs {theirs.num_classes} classes, "
+                f"this training needs {spec.num_classes}"
+            )
+        if theirs != spec:
+            raise TrainingError(
+                f"{init}: initial model's network {theirs.to_dict()} differs from {spec.to_dict()}"
+            )
+    load_model_state(model, payload["model"], source=init)
+
+
+def train_model(
+    *,
+    network: NetworkSpec,
+    init: Path | None,
+    sites: Sequence[SiteData],
+    loss_spec: Mapping[str, Any],
+    settings: TrainSettings,
+    epochs: int,
+    seed: int,
+    out_model: Path,
+    out_curve_csv: Path,
+    out_curve_png: Path,
+    freeze_mode: str = "full",
+    class_map: np.ndarray | None = None,
+    meta: Mapping[str, Any],
+    patch_size: Sequence[int],
+    device: str | torch.device | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> None:
+    """Train a model for ``epochs`` epochs (resuming from ``resume.pt`` beside ``out_model``) and write it.
+
+    Parameters
+    ----------
+    network:
+        the topology (``num_classes`` = the model's output classes).
+    init:
+        initial weights (e.g. M0 or the federated model); ``None`` starts from He initialisation.
+    sites:
+        training data.
+    loss_spec:
+        loss combination for :func:`fedpsmos.losses.build_loss`.
+    settings:
+        optimiser, schedule and sampling settings.
+    epochs:
+        epochs of ``settings.iterations_per_epoch`` iterations.
+    seed:
+        seeds the initialisation, sampling and augmentation.
+    out_model, out_curve_csv, out_curve_png:
+        the model checkpoint and its training curve.
+    freeze_mode:
+        adaptation mode (``full``, ``decoder``, ``encoder``).
+    class_map:
+        global class -> model class, for models that output a subset of the organs.
+    meta:
+        plain metadata stored in the checkpoint (kind, organs, classes, site, n_cases, ...).
+    patch_size:
+        (z, y, x) voxels.
+    device:
+        ``None``: CUDA if available, else CPU.
+    on_epoch_end:
+        called with the number of finished epochs after the resume checkpoint is written (tests use it to
+        interrupt a run).
+    """
+    out_model = Path(out_model)
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    stride = network.total_stride()
+    if any(p % s for p, s in zip(patch_size, stride, strict=True)):
+        raise TrainingError(
+            f"patch size {list(patch_size)} is not divisible by the network's total stride {stride}"
+        )
+    full_meta = _plain(
+        {
+            **meta,
+            "network": network.to_dict(),
+            "epochs": int(epochs),
+            "seed": int(seed),
+            "freeze_mode": freeze_mode,
+            "patch_size": [int(p) for p in patch_size],
+            "settings": asdict(settings),
+            "loss": loss_spec,
+            "init": str(init) if init else None,
+            "init_sha256": _file_sha256(Path(init)) if init else None,
+            "class_map": None if class_map is None else [int(c) for c in class_map],
+            "sites": [s.site for s in sites],
+        }
+    )
+
+    def fresh_trainer() -> Trainer:
+        model = build_network(network, seed=seed)
+        if init:
+            load_initial_weights(model, Path(init), network)
+        return Trainer(
+            model=model,
+            sites=sites,
+            loss_spec=loss_spec,
+            settings=settings,
+            seed=seed,
+            device=device,
+            freeze_mode=freeze_mode,
+            class_map=class_map,
+            patch_size=patch_size,
+        )
+
+    trainer = fresh_trainer()
+    resume_path = out_model.parent / RESUME_NAME
+    history: list[dict[str, Any]] = []
+    start = 0
+    if resume_path.exists():
+        try:
+            resume = load_checkpoint(resume_path)
+            if resume["meta"] != full_meta:
+                raise CheckpointError(f"{resume_path}: written by a different training run")
+            load_model_state(trainer.model, resume["model"], source=resume_path)
+            trainer.load_state_dict(resume["trainer"])
+            history, start = list(resume["history"]), int(resume["epoch"])
+            log.info("resuming from %s after epoch %d", resume_path, start)
+        except (CheckpointError, TrainingError, KeyError) as error:
+            # A partial restore may have touched the model or trainer: start over from scratch.
+            log.warning("ignoring resume checkpoint %s: %s", resume_path, error)
+            trainer, history, start = fresh_trainer(), [], 0
+    for epoch in range(start, epochs):
+        started = time.perf_counter()
+        lr = trainer.lr
+        loss = trainer.train_iterations(settings.iterations_per_epoch, progress=True)
+        trainer.end_epoch(loss)
+        seconds = time.perf_counter() - started
+        history.append({"epoch": epoch + 1, "loss": loss, "lr": lr, "seconds": seconds})
+        log.info("epoch %d/%d loss %.5f lr %.4g %.1f s", epoch + 1, epochs, loss, lr, seconds)
+        save_checkpoint(
+            resume_path,
+            {
+                "model": model_state_to_cpu(trainer.model.state_dict()),
+                "meta": full_meta,
+                "trainer": trainer.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+            },
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+    write_curve_csv(out_curve_csv, history)
+    plot_curve(out_curve_png, history, title=str(meta.get("kind", "")))
+    save_checkpoint(
+        out_model,
+        {
+            "model": model_state_to_cpu(trainer.model.state_dict()),
+            "meta": full_meta,
+            "epoch": epochs,
+            "history": history,
+        },
+    )
+    resume_path.unlink(missing_ok=True)

@@ -1,0 +1,169 @@
+"""The privacy boundary of the federated rounds.
+
+DESIGN.md: each site's data is read only by that site's rules; the aggregation rule reads only model weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from fedpsmos.federated import rounds
+from fedpsmos.network import NetworkSpec, build_network
+from fedpsmos.training.checkpoint import load_checkpoint
+from tests.test_rounds import ITERS, LOSS, PATCH, SEED, TRAINING, make_m0, make_sites, run_rounds
+
+torch.set_num_threads(1)
+
+_OPENED: list[list[str]] = []  # stack of active recorders; the audit hook cannot be removed once added
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _OPENED and event in ("open", "os.listdir", "os.scandir", "glob.glob") and args:
+        target = args[0]
+        if isinstance(target, (str, bytes, os.PathLike)):
+            _OPENED[-1].append(os.fsdecode(target))
+
+
+sys.addaudithook(_audit)
+
+
+@contextlib.contextmanager
+def recording(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Record every path opened or listed from Python, and parquet files read natively by pyarrow."""
+    opened: list[str] = []
+    real = pd.read_parquet
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> pd.DataFrame:
+        opened.append(os.fsdecode(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pd, "read_parquet", spy)
+    _OPENED.append(opened)
+    try:
+        yield opened
+    finally:
+        _OPENED.pop()
+        monkeypatch.setattr(pd, "read_parquet", real)
+
+
+def _resolved(paths: list[str]) -> set[Path]:
+    return {Path(p).resolve() for p in paths if p and not p.startswith("/proc")}
+
+
+@pytest.fixture(scope="module")
+def one_round(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("privacy")
+    sites = make_sites(root)
+    make_m0(root / "m0.pt")
+    setting = root / "federated" / "V"
+    rounds.init_global(root / "m0.pt", rounds.global_model_path(setting, 0))
+    run_rounds(setting, sites, 1)
+    return {"root": root, "sites": sites, "setting": setting}
+
+
+def test_aggregator_files_hold_only_parameter_tensors(one_round: dict[str, Any]) -> None:
+    # Prepare: the model the files must match, parameter for parameter
+    setting = one_round["setting"]
+    spec = NetworkSpec.from_dict(load_checkpoint(rounds.global_model_path(setting, 0))["meta"]["network"])
+    reference = build_network(spec).state_dict()
+    files = [rounds.global_model_path(setting, 0)] + [
+        rounds.site_model_path(setting, 1, s) for s in ("site1", "site2")
+    ]
+    for path in files:
+        # Execute
+        payload = load_checkpoint(path)
+        # Assert: weights only, the model's keys and shapes; metadata only scalars and small organ dicts
+        assert set(payload) == {"model", "meta", "integrity"}, path
+        assert list(payload["model"]) == list(reference), path
+        for key, tensor in payload["model"].items():
+            assert tensor.shape == reference[key].shape and tensor.dtype == reference[key].dtype, (path, key)
+        for key, value in payload["meta"].items():
+            if key == "network":
+                assert value == spec.to_dict()
+            elif isinstance(value, dict):  # val_dice per organ, weights per site: a few scalars
+                assert len(value) <= 6 and all(isinstance(v, (int, float)) for v in value.values()), key
+            elif isinstance(value, list):
+                assert key in ("sites", "organs", "failed") and all(isinstance(v, str) for v in value), key
+            else:
+                assert value is None or isinstance(value, (int, float, str, bool)), key
+        # no case identifiers leave a site
+        assert "site1_000" not in repr(payload["meta"]) and "site2_000" not in repr(payload["meta"])
+
+
+def test_aggregator_opens_only_round_models(
+    one_round: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    setting = one_round["setting"]
+    site_paths = [rounds.site_model_path(setting, 1, s) for s in ("site1", "site2")]
+    inputs = [rounds.global_model_path(setting, 0), *site_paths]
+    # Execute
+    with recording(monkeypatch) as opened:
+        rounds.aggregate_round(
+            previous_global=inputs[0],
+            site_paths=site_paths,
+            out_global=setting / "agg" / "global.pt",
+            out_record=setting / "agg" / "record.json",
+            round_index=1,
+            policy="fail",
+        )
+    # Assert: reads exactly its inputs (plus its own temporary outputs), nothing private, no data
+    read = {p for p in _resolved(opened) if p.parent != (setting / "agg").resolve()}
+    assert read == {p.resolve() for p in inputs}
+    assert rounds.aggregator_input_violations(inputs) == []
+    assert rounds.aggregator_input_violations([rounds.private_state_path(setting, "site1", 1)]) != []
+
+
+def test_site_round_opens_only_its_own_files(
+    one_round: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: round 2 of site1, from round 1's global and site1's private state
+    sites, setting = one_round["sites"], one_round["setting"]
+    out = setting / "probe"
+    # Execute
+    root = one_round["root"]
+    inputs = {
+        "global_path": rounds.global_model_path(setting, 1),
+        "private_in": rounds.private_state_path(setting, "site1", 1),
+        "manifest": root / "data" / "site1" / "manifest.json",
+        "cases": [str(p) for p in sites["site1"].npz_paths.values()],
+        "patches": sites["site1"].patches,
+    }
+    with recording(monkeypatch) as opened:
+        rounds.run_site_round_job(  # the rule's entry point: plain paths and config values
+            site="site1",
+            loss_spec=LOSS,
+            training=TRAINING,
+            patch_size=PATCH,
+            local_iterations=ITERS,
+            round_index=2,
+            seed=SEED,
+            attempts=1,
+            on_site_failure="fail",
+            out_site=out / "site1.pt",
+            out_private=out / "private.pt",
+            device="cpu",
+            **inputs,
+        )
+    read = _resolved(opened)
+    root = root.resolve()
+    ours = [p for p in read if root in p.parents]
+    # Assert: the hook saw the site's own data (so it works) and nothing of site2
+    assert {p.resolve() for p in sites["site1"].npz_paths.values()} <= read
+    assert sites["site1"].patches.resolve() in read
+    assert rounds.private_state_path(setting, "site1", 1).resolve() in read
+    assert rounds.site_input_violations([str(p) for p in ours], "site1", ["site1", "site2"]) == []
+    flat = [inputs["global_path"], inputs["private_in"], inputs["manifest"], inputs["patches"]]
+    flat += inputs["cases"]
+    assert rounds.site_input_violations(flat, "site1", ["site1", "site2"]) == []
+    assert rounds.site_input_violations(flat, "site2", ["site1", "site2"]) != []
+    assert not [p for p in ours if "site2" in str(p.relative_to(root))]

@@ -1,0 +1,451 @@
+"""Federated rounds (fedpsmos.federated.rounds / blocks / curves) on a tiny network and tiny data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedpsmos.federated import blocks, curves, rounds
+from fedpsmos.federated.rounds import LocalSettings, RoundError
+from fedpsmos.network import NetworkSpec, build_network
+from fedpsmos.organs import ORGANS, labelled_mask
+from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
+from fedpsmos.training.sampler import SiteData
+from fedpsmos.training.trainer import Trainer, TrainSettings
+
+torch.set_num_threads(1)
+
+PATCH = (8, 8, 8)
+SPEC = NetworkSpec(
+    features=(2, 4),
+    strides=((1, 1, 1), (2, 2, 2)),
+    kernel_sizes=((3, 3, 3), (3, 3, 3)),
+    conv_per_stage=1,
+    deep_supervision=True,
+    num_classes=6,
+)
+LOSS = {"marginal": {"dice": 1.0, "ce": 1.0}, "exclusion": {"ce": 1.0}}
+TRAINING = {
+    "patches_per_iteration": 2,
+    "iterations_per_epoch": 3,
+    "lr": 0.01,
+    "momentum": 0.99,
+    "weight_decay": 3e-5,
+    "plateau": {"window": 1, "min_decrease": 10.0, "factor": 0.8},  # decays every round: the state matters
+    "augmentation": True,
+}
+# site1 labels liver and spleen (2 training cases), site2 liver only (3 training cases): weights 2/5, 3/5
+SITES = {"site1": (("liver", "spleen"), 2), "site2": (("liver",), 3)}
+SEED = 3
+ITERS = 2
+
+
+def _write_case(path: Path, organs: tuple[str, ...], rng: np.random.Generator) -> pd.DataFrame:
+    shape = (12, 12, 12)
+    label = np.zeros(shape, np.uint8)
+    label[2:7, 2:8, 2:8] = 1  # liver
+    label[6:10, 6:11, 6:11] = np.where(label[6:10, 6:11, 6:11] == 0, 2, label[6:10, 6:11, 6:11])  # spleen
+    keep = {ORGANS.index(o) + 1 for o in organs}
+    label = np.where(np.isin(label, list(keep)), label, 0).astype(np.uint8)
+    image = (rng.normal(0.0, 1.0, shape) + 2.0 * label).astype(np.float32)
+    np.savez_compressed(path, image=image, label=label, labelled=labelled_mask(organs))
+    rows = [
+        {"case": path.stem, "z": z, "y": y, "x": x, "organ": organ, "fraction": 0.5}
+        for organ in organs
+        for z, y, x in ((0, 0, 0), (2, 2, 2), (4, 4, 4))
+    ]
+    return pd.DataFrame(rows)
+
+
+def make_sites(root: Path) -> dict[str, SiteData]:
+    """Two sites of tiny partially labelled cases with a patch index and manifest each."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for site, (organs, n) in SITES.items():
+        folder = root / "preprocessed" / site
+        folder.mkdir(parents=True)
+        frames, npz = [], {}
+        for i in range(n):
+            case = f"{site}_{i:03d}"
+            npz[case] = folder / f"{case}.npz"
+            frames.append(_write_case(npz[case], organs, rng))
+        index = pd.concat(frames).assign(site=site)
+        (root / "patches").mkdir(exist_ok=True)
+        index.to_parquet(root / "patches" / f"{site}.parquet")
+        manifest = {"site": site, "train": sorted(npz), "test": []}
+        (root / "data" / site).mkdir(parents=True)
+        (root / "data" / site / "manifest.json").write_text(json.dumps(manifest))
+        out[site] = SiteData(site=site, npz_paths=npz, patches=root / "patches" / f"{site}.parquet")
+    return out
+
+
+def make_m0(path: Path) -> dict[str, torch.Tensor]:
+    """A tiny M0 checkpoint; returns its weights."""
+    state = build_network(SPEC, seed=0).state_dict()
+    save_checkpoint(path, {"model": state, "meta": {"network": SPEC.to_dict(), "organs": list(ORGANS)}})
+    return load_checkpoint(path)["model"]
+
+
+def local() -> LocalSettings:
+    return LocalSettings(loss_spec=LOSS, settings=TrainSettings.from_config(TRAINING), patch_size=PATCH)
+
+
+def run_rounds(setting: Path, sites: dict[str, SiteData], n_rounds: int, policy: str = "fail") -> None:
+    """Per-round rules, called as functions."""
+    for r in range(1, n_rounds + 1):
+        for site, data in sites.items():
+            rounds.run_site_round(
+                global_path=rounds.global_model_path(setting, r - 1),
+                private_in=rounds.private_state_path(setting, site, r - 1) if r > 1 else "",
+                site_data=data,
+                local=local(),
+                local_iterations=ITERS,
+                round_index=r,
+                seed=SEED,
+                attempts=1,
+                on_site_failure=policy,
+                out_site=rounds.site_model_path(setting, r, site),
+                out_private=rounds.private_state_path(setting, site, r),
+            )
+        rounds.aggregate_round(
+            previous_global=rounds.global_model_path(setting, r - 1),
+            site_paths=[rounds.site_model_path(setting, r, s) for s in sites],
+            out_global=rounds.global_model_path(setting, r),
+            out_record=rounds.record_path(setting, r),
+            round_index=r,
+            policy=policy,
+        )
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Three per-round-rule rounds of two sites, shared by the tests that only read them."""
+    root = tmp_path_factory.mktemp("fed")
+    sites = make_sites(root)
+    m0 = make_m0(root / "m0.pt")
+    setting = root / "federated" / "V"
+    rounds.init_global(root / "m0.pt", rounds.global_model_path(setting, 0))
+    run_rounds(setting, sites, 3)
+    return {"root": root, "sites": sites, "m0": m0, "setting": setting}
+
+
+def test_rounds_equal_fedavg_by_hand(federation: dict[str, Any]) -> None:
+    # Prepare: the same computation written out: train each site with the Trainer from the global, average
+    sites, setting = federation["sites"], federation["setting"]
+    weights = {k: v.clone() for k, v in federation["m0"].items()}
+    private: dict[str, dict[str, Any]] = {}
+    settings = TrainSettings.from_config(TRAINING)
+    # Execute
+    for r in (1, 2, 3):
+        trained = {}
+        for site, data in sites.items():
+            model = build_network(SPEC)
+            model.load_state_dict(weights)
+            trainer = Trainer(
+                model=model,
+                sites=[data],
+                loss_spec=LOSS,
+                settings=settings,
+                seed=rounds.round_seed(SEED, site, r),
+                device="cpu",
+                patch_size=PATCH,
+            )
+            if site in private:
+                trainer.load_state_dict({k: v for k, v in private[site].items() if k != "rng"})
+            trainer.end_epoch(trainer.train_iterations(ITERS))
+            private[site] = trainer.state_dict()
+            trained[site] = model.state_dict()
+        weights = {
+            k: ((2 * trained["site1"][k].double() + 3 * trained["site2"][k].double()) / 5).to(v.dtype)
+            for k, v in weights.items()
+        }
+    # Assert: bit-identical on the CPU, and the model moved away from M0
+    final = load_checkpoint(rounds.global_model_path(setting, 3))["model"]
+    assert list(final) == list(weights)
+    for key in weights:
+        torch.testing.assert_close(final[key], weights[key], rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(final[k], federation["m0"][k]) for k in final)
+
+
+def test_round_files_and_record(federation: dict[str, Any]) -> None:
+    # Prepare
+    setting = federation["setting"]
+    # Execute
+    record = json.loads(rounds.record_path(setting, 2).read_text())
+    glob = load_checkpoint(rounds.global_model_path(setting, 2))["meta"]
+    site = load_checkpoint(rounds.site_model_path(setting, 2, "site1"))["meta"]
+    decays = [
+        load_checkpoint(rounds.private_state_path(setting, "site1", r))["trainer"]["scheduler"]["decays"]
+        for r in (1, 2, 3)
+    ]
+    # Assert
+    assert record["sites"] == ["site1", "site2"] and record["failed"] == [] and record["policy"] == "fail"
+    assert record["weights"] == pytest.approx({"site1": 0.4, "site2": 0.6})
+    assert set(record["val_dice"]["site1"]) == {"liver", "spleen"}
+    assert set(record["val_dice"]["site2"]) == {"liver"}
+    assert all(0.0 <= d <= 1.0 for d in record["val_dice"]["site1"].values())
+    assert record["losses"]["site1"] > 0
+    assert glob["round"] == 2 and glob["network"] == SPEC.to_dict()
+    assert site["n_cases"] == 2 and site["local_iterations"] == ITERS and site["failed"] is False
+    # the plateau rule (window 1, huge min_decrease) steps once per round and its state survives rounds:
+    # no decay after the first loss, then one per round
+    assert decays == [0, 1, 2]
+
+
+def test_finalise_writes_model_and_curves(federation: dict[str, Any], tmp_path: Path) -> None:
+    # Prepare
+    setting = federation["setting"]
+    records = [rounds.record_path(setting, r) for r in (3, 1, 2)]
+    # Execute
+    curves.finalise_federation(
+        last_global=rounds.global_model_path(setting, 3),
+        records=records,
+        out_model=tmp_path / "model.pt",
+        out_curve_csv=tmp_path / "curve.csv",
+        out_curve_png=tmp_path / "curve.png",
+        setting="V",
+    )
+    # Assert
+    model = load_checkpoint(tmp_path / "model.pt")
+    assert model["meta"]["kind"] == "federated" and model["meta"]["rounds"] == 3
+    assert model["meta"]["network"] == SPEC.to_dict() and model["meta"]["sites"] == ["site1", "site2"]
+    frame = pd.read_csv(tmp_path / "curve.csv")
+    assert len(frame) == 3 * 3  # 3 rounds x (site1: 2 organs + site2: 1 organ)
+    assert sorted(frame["round"].unique()) == [1, 2, 3]
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="records cover rounds"):
+        curves.finalise_federation(
+            last_global=rounds.global_model_path(setting, 3),
+            records=records[:2],
+            out_model=tmp_path / "m.pt",
+            out_curve_csv=tmp_path / "c.csv",
+            out_curve_png=tmp_path / "c.png",
+        )
+
+
+def test_block_equals_rules_and_resumes(federation: dict[str, Any], tmp_path: Path) -> None:
+    # Prepare: a block over the same three rounds, from the same M0
+    sites, rules = federation["sites"], federation["setting"]
+    setting = tmp_path / "block"
+    rounds.init_global(federation["root"] / "m0.pt", rounds.global_model_path(setting, 0))
+    kwargs = dict(
+        setting_dir=setting,
+        first_round=1,
+        last_round=3,
+        sites=list(sites.values()),
+        local=local(),
+        local_iterations=ITERS,
+        seed=SEED,
+        attempts=1,
+        on_site_failure="fail",
+    )
+    # Execute: the whole block; then "kill" it in round 3 (aggregate missing, a site file half-written,
+    # round 3's private state already written) and run it again
+    blocks.run_block(**kwargs)
+    uninterrupted = load_checkpoint(rounds.global_model_path(setting, 3))["model"]
+    rounds.global_model_path(setting, 3).unlink()
+    rounds.record_path(setting, 3).unlink()
+    site_file = rounds.site_model_path(setting, 3, "site1")
+    site_file.write_bytes(site_file.read_bytes()[:100])
+    before = {p: p.stat().st_mtime_ns for r in (1, 2) for p in rounds.round_dir(setting, r).iterdir()}
+    records = blocks.run_block(**kwargs)
+    resumed = load_checkpoint(rounds.global_model_path(setting, 3))["model"]
+    # Assert: rules, block and resumed block agree bit for bit; rounds 1-2 were not redone
+    by_rules = load_checkpoint(rounds.global_model_path(rules, 3))["model"]
+    for key in by_rules:
+        assert torch.equal(uninterrupted[key], by_rules[key]), key
+        assert torch.equal(resumed[key], by_rules[key]), key
+    assert before == {p: p.stat().st_mtime_ns for p in before}
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert blocks.resume_round(setting, 1, 3, list(sites)) == 4
+
+
+def _site_file(
+    setting: Path, site: str, state: dict[str, torch.Tensor], *, n: int = 2, failed: bool = False
+) -> Path:
+    path = rounds.site_model_path(setting, 1, site)
+    meta = {"site": site, "round": 1, "n_cases": n, "local_iterations": 1, "mean_loss": 0.5, "val_dice": {}}
+    save_checkpoint(path, {"model": state, "meta": {**meta, "failed": failed}})
+    return path
+
+
+def _corrupt(state: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
+    state = {k: v.clone() for k, v in state.items()}
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.dim() > 1)
+    if how == "missing":
+        del state[key]
+    elif how == "extra":
+        state["extra.weight"] = torch.zeros(1)
+    elif how == "shape":
+        state[key] = torch.zeros(3)
+    elif how == "dtype":
+        state[key] = state[key].double()
+    elif how == "nan":
+        state[key][(0,) * state[key].dim()] = float("nan")
+    return state
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("missing", "missing key"),
+        ("extra", "unexpected key"),
+        ("shape", "has shape"),
+        ("dtype", "has dtype"),
+        ("nan", "non-finite"),
+        ("truncated", "truncated or corrupt"),
+    ],
+)
+def test_aggregator_refusals_name_site_and_round(tmp_path: Path, how: str, message: str) -> None:
+    # Prepare
+    setting = tmp_path / "fed"
+    m0 = make_m0(tmp_path / "m0.pt")
+    rounds.init_global(tmp_path / "m0.pt", rounds.global_model_path(setting, 0))
+    good = _site_file(setting, "site1", m0)
+    bad = _site_file(setting, "site2", m0 if how == "truncated" else _corrupt(m0, how))
+    if how == "truncated":
+        bad.write_bytes(bad.read_bytes()[:-200])
+    # Execute / Assert
+    with pytest.raises(RoundError, match=f"round 1, site site2: .*{message}"):
+        rounds.aggregate_round(
+            previous_global=rounds.global_model_path(setting, 0),
+            site_paths=[good, bad],
+            out_global=rounds.global_model_path(setting, 1),
+            out_record=rounds.record_path(setting, 1),
+            round_index=1,
+            policy="skip",
+        )
+    assert not rounds.global_model_path(setting, 1).exists()
+
+
+def test_skip_policy_renormalises_and_fail_policy_raises(tmp_path: Path) -> None:
+    # Prepare: site2's data is corrupt, so its local round fails on every attempt
+    sites = make_sites(tmp_path)
+    make_m0(tmp_path / "m0.pt")
+    setting = tmp_path / "fed"
+    rounds.init_global(tmp_path / "m0.pt", rounds.global_model_path(setting, 0))
+    for path in sites["site2"].npz_paths.values():
+        path.write_bytes(b"not an npz")
+    common = dict(
+        global_path=rounds.global_model_path(setting, 0),
+        private_in="",
+        local=local(),
+        local_iterations=ITERS,
+        round_index=1,
+        seed=SEED,
+        attempts=2,
+    )
+    site_paths = [rounds.site_model_path(setting, 1, s) for s in sites]
+    # Execute / Assert: fail policy: the site round raises
+    with pytest.raises(RoundError, match="site site2 round 1: all 2 attempt"):
+        rounds.run_site_round(
+            site_data=sites["site2"],
+            on_site_failure="fail",
+            out_site=site_paths[1],
+            out_private=tmp_path / "p.pt",
+            **common,
+        )
+    assert not site_paths[1].exists()
+    # Execute: skip policy
+    for site, data in sites.items():
+        rounds.run_site_round(
+            site_data=data,
+            on_site_failure="skip",
+            out_site=rounds.site_model_path(setting, 1, site),
+            out_private=rounds.private_state_path(setting, site, 1),
+            **common,
+        )
+    agg = dict(
+        previous_global=rounds.global_model_path(setting, 0),
+        site_paths=site_paths,
+        out_global=rounds.global_model_path(setting, 1),
+        out_record=rounds.record_path(setting, 1),
+        round_index=1,
+    )
+    # Assert: the failed site's file holds the incoming weights, only parameter tensors, marked failed
+    failed = load_checkpoint(site_paths[1])
+    incoming = load_checkpoint(rounds.global_model_path(setting, 0))["model"]
+    assert failed["meta"]["failed"] is True and failed["meta"]["mean_loss"] is None
+    assert isinstance(failed["meta"]["error"], str) and failed["meta"]["error"]
+    assert all(torch.equal(failed["model"][k], incoming[k]) for k in incoming)
+    # ... the fail-policy aggregator refuses it, the skip-policy one drops it and renormalises
+    with pytest.raises(RoundError, match=r"round 1: site\(s\) \['site2'\] failed"):
+        rounds.aggregate_round(policy="fail", **agg)
+    record = rounds.aggregate_round(policy="skip", **agg)
+    assert record["sites"] == ["site1"] and record["failed"] == ["site2"] and record["renormalised"]
+    assert record["weights"] == {"site1": 1.0} and record["losses"]["site2"] is None
+    glob = load_checkpoint(rounds.global_model_path(setting, 1))["model"]
+    site1 = load_checkpoint(site_paths[0])["model"]
+    assert all(torch.equal(glob[k], site1[k]) for k in glob)
+    # ... and with every site failed there is nothing to aggregate
+    _site_file(setting, "site1", incoming, failed=True)
+    with pytest.raises(RoundError, match="every site failed"):
+        rounds.aggregate_round(policy="skip", **agg)
+
+
+def test_retry_starts_from_the_same_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a first attempt that trains (changing the model in place) and then fails
+    sites = make_sites(tmp_path)
+    make_m0(tmp_path / "m0.pt")
+    setting = tmp_path / "fed"
+    rounds.init_global(tmp_path / "m0.pt", rounds.global_model_path(setting, 0))
+    real = rounds.SiteRunner._train
+    calls = []
+
+    def flaky(self: rounds.SiteRunner, *args: Any) -> Any:
+        calls.append(1)
+        result = real(self, *args)
+        if len(calls) == 1:
+            raise OSError("node lost")
+        return result
+
+    def once(out: Path, private: Path) -> dict[str, Any]:
+        return rounds.run_site_round(
+            global_path=rounds.global_model_path(setting, 0),
+            private_in=None,
+            site_data=sites["site1"],
+            local=local(),
+            local_iterations=ITERS,
+            round_index=1,
+            seed=SEED,
+            attempts=2,
+            on_site_failure="fail",
+            out_site=out,
+            out_private=private,
+        )
+
+    # Execute
+    clean = once(tmp_path / "clean.pt", tmp_path / "clean_p.pt")
+    monkeypatch.setattr(rounds.SiteRunner, "_train", flaky)
+    retried = once(tmp_path / "retry.pt", tmp_path / "retry_p.pt")
+    # Assert
+    assert clean["attempts"] == 1 and retried["attempts"] == 2 and len(calls) == 2
+    a, b = load_checkpoint(tmp_path / "clean.pt")["model"], load_checkpoint(tmp_path / "retry.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_site_data_from_files_checks_the_split(tmp_path: Path) -> None:
+    # Prepare
+    sites = make_sites(tmp_path)
+    manifest = tmp_path / "data" / "site1" / "manifest.json"
+    cases = list(sites["site1"].npz_paths.values())
+    # Execute
+    data = rounds.site_data_from_files("site1", manifest, cases, sites["site1"].patches)
+    # Assert
+    assert data.site == "site1" and set(data.npz_paths) == {"site1_000", "site1_001"}
+    with pytest.raises(RoundError, match="missing"):
+        rounds.site_data_from_files("site1", manifest, cases[:1], sites["site1"].patches)
+    with pytest.raises(RoundError, match="expected 'site2'"):
+        rounds.site_data_from_files("site2", manifest, cases, sites["site1"].patches)
+
+
+def test_round_seed_is_stable_and_distinct() -> None:
+    seeds = {rounds.round_seed(0, s, r) for s in ("site1", "site2") for r in range(50)}
+    assert len(seeds) == 100
+    assert rounds.round_seed(0, "site1", 1) == rounds.round_seed(0, "site1", 1)
