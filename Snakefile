@@ -26,6 +26,6 @@ include: "workflow/rules/paper.smk"
 
 
 rule all:
+    default_target: True
     input:
         get_final_output(),
-    default_target: True

@@ -35,8 +35,9 @@ def load_schema(schema_path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
         return yaml.safe_load(handle)
 
 
-def validate_config(config: Mapping[str, Any], *, source: str = "config", schema_path: str | Path = SCHEMA_PATH
-                    ) -> None:
+def validate_config(
+    config: Mapping[str, Any], *, source: str = "config", schema_path: str | Path = SCHEMA_PATH
+) -> None:
     """Raise :class:`ConfigError` naming the bad key if ``config`` is not a valid workflow configuration.
 
     Parameters
@@ -49,7 +50,9 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config", schema
         The JSON schema to validate against.
     """
     validator = jsonschema.Draft202012Validator(load_schema(schema_path))
-    errors = sorted(validator.iter_errors(dict(config)), key=lambda e: (len(e.absolute_path), list(e.absolute_path)))
+    errors = sorted(
+        validator.iter_errors(dict(config)), key=lambda e: (len(e.absolute_path), list(e.absolute_path))
+    )
     if errors:
         # The deepest error says most about the bad key (an `anyOf` at the top hides the real cause).
         error = max(errors, key=lambda e: len(e.absolute_path))
@@ -66,38 +69,50 @@ def _check_references(config: Mapping[str, Any], source: str) -> None:
         except LabelMapError as err:
             raise ConfigError(f"{source}: sites.{name}.labels: {err}") from err
         if "kidney" in site["labels"] and ({"kidney_left", "kidney_right"} & set(site["labels"])):
-            raise ConfigError(f"{source}: sites.{name}.labels: 'kidney' (split by body side) cannot be combined "
-                              "with kidney_left/kidney_right")
+            raise ConfigError(
+                f"{source}: sites.{name}.labels: 'kidney' (split by body side) cannot be combined "
+                "with kidney_left/kidney_right"
+            )
         if set(organs) == set(ORGANS):
             fully.append(name)
     if not fully:
-        raise ConfigError(f"{source}: sites: no site labels all organs {list(ORGANS)}; pre-training (M0) needs one")
+        raise ConfigError(
+            f"{source}: sites: no site labels all organs {list(ORGANS)}; pre-training (M0) needs one"
+        )
     losses = config["losses"]
     combos = losses["combinations"]
     for key in ("margexc", "default"):
         if losses[key] not in combos:
-            raise ConfigError(f"{source}: losses.{key}: unknown loss combination {losses[key]!r} "
-                              f"(known: {sorted(combos)})")
+            raise ConfigError(
+                f"{source}: losses.{key}: unknown loss combination {losses[key]!r} (known: {sorted(combos)})"
+            )
     for i, name in enumerate(losses["central"]):
         if name not in combos:
-            raise ConfigError(f"{source}: losses.central.{i}: unknown loss combination {name!r} "
-                              f"(known: {sorted(combos)})")
+            raise ConfigError(
+                f"{source}: losses.central.{i}: unknown loss combination {name!r} (known: {sorted(combos)})"
+            )
     federated = config["federated"]
     if federated["default"] not in federated["settings"]:
-        raise ConfigError(f"{source}: federated.default: unknown setting {federated['default']!r} "
-                          f"(known: {sorted(federated['settings'])})")
+        raise ConfigError(
+            f"{source}: federated.default: unknown setting {federated['default']!r} "
+            f"(known: {sorted(federated['settings'])})"
+        )
     network = config["network"]
     n_stages = len(network["features"])
     for key in ("strides", "kernel_sizes"):
         if len(network[key]) != n_stages:
-            raise ConfigError(f"{source}: network.{key}: {len(network[key])} entries for {n_stages} stages "
-                              "(one per entry of network.features)")
+            raise ConfigError(
+                f"{source}: network.{key}: {len(network[key])} entries for {n_stages} stages "
+                "(one per entry of network.features)"
+            )
     total = [math.prod(s[axis] for s in network["strides"]) for axis in range(3)]
     size = config["patches"]["size"]
     for axis, (extent, stride) in enumerate(zip(size, total, strict=True)):
         if extent % stride:
-            raise ConfigError(f"{source}: patches.size.{axis}: {extent} is not divisible by the network's total "
-                              f"stride {stride} on that axis")
+            raise ConfigError(
+                f"{source}: patches.size.{axis}: {extent} is not divisible by the network's total "
+                f"stride {stride} on that axis"
+            )
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

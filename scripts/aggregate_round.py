@@ -7,11 +7,14 @@ aggregator never sees a site's data or private state.
 import logging
 import sys
 
+import torch
+
 from fedpsmos.federated.rounds import aggregate_round
 
 
 def main(snakemake) -> None:
     """FedAvg the round's site models."""
+    torch.set_num_threads(max(1, int(snakemake.threads)))  # the cores the rule was given, no more
     aggregate_round(
         previous_global=snakemake.input.previous_global,
         site_paths=list(snakemake.input.sites),

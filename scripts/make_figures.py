@@ -2,6 +2,7 @@
 
 import logging
 import sys
+from pathlib import Path
 
 from fedpsmos.paper.figures import make_figures, models_from_prediction_dirs
 
@@ -10,7 +11,7 @@ def main(snakemake) -> None:
     """Dice per organ, qualitative overlays, training and federated curves."""
     written = make_figures(
         list(snakemake.input.metrics),
-        snakemake.params.out_dir,
+        Path(snakemake.output[0]).parent,
         curves=list(snakemake.input.get("curves", [])),
         federated_curves=list(snakemake.input.get("federated_curves", [])),
         manifests=list(snakemake.input.manifests),

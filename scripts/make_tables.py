@@ -11,7 +11,7 @@ def main(snakemake) -> None:
     """Build Tables 2-6 as CSV, Markdown and LaTeX."""
     written = make_tables(
         list(snakemake.input.metrics),
-        snakemake.params.out_dir,
+        Path(snakemake.output[0]).parent,
         central_losses=list(snakemake.params.central_losses),
         margexc=str(snakemake.params.margexc),
         default_losses=str(snakemake.params.default_losses),
@@ -23,7 +23,7 @@ def main(snakemake) -> None:
     missing = {str(p) for p in snakemake.output} - {str(p) for p in written}
     if missing:
         raise RuntimeError(
-            f"make_tables did not write {sorted(missing)} (out_dir {Path(snakemake.params.out_dir)})"
+            f"make_tables did not write {sorted(missing)} (out_dir {Path(Path(snakemake.output[0]).parent)})"
         )
 
 

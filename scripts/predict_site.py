@@ -4,11 +4,14 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from fedpsmos.inference.predict import predict_site
 
 
 def main(snakemake) -> None:
     """Predict the site's test cases in their original geometry."""
+    torch.set_num_threads(max(1, int(snakemake.threads)))  # the cores the rule was given, no more
     cases = [Path(p) for p in snakemake.input.cases]
     folders = {p.parent for p in cases}
     if len(folders) != 1:

@@ -7,13 +7,17 @@ checkpoint and its training curve.
 import logging
 import sys
 
+import torch
+
 from fedpsmos.training.run import train_from_params
 
 
 def main(snakemake) -> None:
     """Train the model described by the rule's params."""
+    torch.set_num_threads(max(1, int(snakemake.threads)))  # the cores the rule was given, no more
     train_from_params(
-        dict(snakemake.params.items()),
+        # The initial weights are an input (M0 or the federated model), or none for training from scratch.
+        {**dict(snakemake.params.items()), "init": snakemake.input.get("init", "")},
         {
             "model": snakemake.output.model,
             "curve_csv": snakemake.output.curve_csv,

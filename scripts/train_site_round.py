@@ -7,11 +7,14 @@ and the site's own private state; ``input.private`` is ``""`` (or absent) in rou
 import logging
 import sys
 
+import torch
+
 from fedpsmos.federated.rounds import run_site_round_job
 
 
 def main(snakemake) -> None:
     """Train the rule's site for one round from the previous global model."""
+    torch.set_num_threads(max(1, int(snakemake.threads)))  # the cores the rule was given, no more
     params = snakemake.params
     private = snakemake.input.get("private", "") or ""
     run_site_round_job(

@@ -81,3 +81,16 @@ def write_raw_case() -> RawCaseWriter:
         return image_path, label_path
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Each test starts with one torch thread: results that are compared bit for bit (a block of rounds in
+    worker processes against the per-round computation in this process) depend on the thread count, and a
+    test that raises it must not change the next test's arithmetic."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,8 +8,15 @@ value so every voxel has weight) and the weighted sum is divided by the summed w
 the patch is padded with zeros around its centre, as nnU-Net's ``pad_nd_image`` does, and cropped back.
 
 Differences from nnU-Net's predictor, on purpose: accumulation is in float32 (nnU-Net uses float16, which is
-why its logits differ from ours by about 1e-3), tiles may be batched, and ``accumulate="softmax"`` averages
-probabilities instead of logits.
+why its logits differ from ours by about 1e-3), tiles are batched (two per forward pass by default), and
+``accumulate="softmax"`` averages probabilities instead of logits.
+
+Why batches of tiles: on the CPU, PyTorch sends a 3-D convolution whose input has batch 1 and
+``N*C*D*H <= 20480`` (every layer of a small patch, the first layers of a paper patch) to the unblocked
+``slow_conv3d`` kernel instead of oneDNN; with two or more tiles per pass every convolution takes oneDNN,
+measured 5-10x faster per tile (``bench/bench_inference.py``). On the CPU a short last batch is therefore
+filled with copies of its last tile, whose outputs are dropped. Instance norm is per sample, so the batch
+does not change any tile's logits beyond float rounding.
 """
 
 from __future__ import annotations
@@ -139,7 +146,7 @@ def predict_logits(
     step: float = 0.5,
     mirror: bool = False,
     device: torch.device | str | None = None,
-    batch_size: int = 1,
+    batch_size: int = 2,
     accumulate: str = "logits",
 ) -> torch.Tensor:
     """Gaussian-weighted sliding-window prediction of a whole ``[Z, Y, X]`` volume (module docstring).
@@ -159,7 +166,7 @@ def predict_logits(
     device:
         Where the network runs and the sums accumulate; default: the network's parameters' device.
     batch_size:
-        Tiles per forward pass.
+        Tiles per forward pass (module docstring: 2 or more keeps CPU convolutions on oneDNN).
     accumulate:
         ``"logits"`` (nnU-Net's choice) or ``"softmax"`` (average probabilities).
 
@@ -195,17 +202,20 @@ def predict_logits(
     summed: torch.Tensor | None = None
     weights = torch.zeros(padded, dtype=torch.float32, device=device)
     use_autocast = device.type == "cuda"  # nnU-Net runs CUDA inference in mixed precision too
+    fill_batches = device.type == "cpu" and batch_size > 1 and len(starts) > 1
     with torch.inference_mode(), _single_output(net):
         for first_tile in range(0, len(starts), batch_size):
             batch_starts = starts[first_tile : first_tile + batch_size]
             slices = [tuple(slice(s, s + p) for s, p in zip(b, patch, strict=True)) for b in batch_starts]
             with torch.inference_mode(False):
-                # A normal (not inference-mode) input tensor, as nnU-Net's producer thread makes: CPU
-                # convolutions measured slower on inference-mode inputs.
+                # A normal (not inference-mode) input tensor, as nnU-Net's producer thread makes.
                 tiles = torch.stack([data[sl] for sl in slices])[:, None]  # b, 1, z, y, x
+            if fill_batches and len(slices) < batch_size:
+                # Keep the batch of the other passes so the convolutions stay on oneDNN (module docstring).
+                tiles = torch.cat([tiles, tiles[-1:].expand(batch_size - len(slices), *tiles.shape[1:])])
             with torch.autocast("cuda") if use_autocast else contextlib.nullcontext():
                 out = _mirrored_forward(net, tiles, mirror)  # b, c, z, y, x
-            out = out.float()
+            out = out[: len(slices)].float()
             if accumulate == "softmax":
                 out = torch.softmax(out, dim=1)
             if summed is None:

@@ -18,10 +18,14 @@ rule adapt_model:
         "logs/adapt_model/{mode}/{site}.log",
     benchmark:
         "results/benchmarks/adapt_model/{mode}/{site}.tsv"
+    conda:
+        "../../envs/training.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         kind="adapted",
         sites=get_site_descriptor,
-        init=f"results/models/federated/{DEFAULT_SETTING}/model.pt",
         loss=COMBINATIONS[LOSSES["default"]],
         epochs=config["adaptation"]["epochs"],
         freeze_mode=get_adaptation_freeze,
@@ -30,8 +34,5 @@ rule adapt_model:
         training=config["training"],
         patch_size=config["patches"]["size"],
         seed=config["seed"],
-    threads: 1
-    resources:
-        gpu=1,
     script:
         "../../scripts/train_model.py"

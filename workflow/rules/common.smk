@@ -1,5 +1,4 @@
 # Configuration validation, wildcard constraints and the small helpers the rules use.
-from pathlib import Path
 
 from fedpsmos.config import validate_config
 from fedpsmos.data.sources import case_ids
@@ -8,7 +7,11 @@ from fedpsmos.organs import ORGANS, labelled_organs
 validate_config(config, source="config")
 
 SITES = list(config["sites"])
-FULL_SITES = [s for s in SITES if set(labelled_organs(config["sites"][s]["labels"])) == set(ORGANS)]
+FULL_SITES = [
+    s
+    for s in SITES
+    if set(labelled_organs(config["sites"][s]["labels"])) == set(ORGANS)
+]
 LOSSES = config["losses"]
 COMBINATIONS = LOSSES["combinations"]
 CENTRAL_LOSSES = LOSSES["central"]
@@ -52,7 +55,9 @@ def site_root(site):
 
 def site_case_ids(site):
     spec = config["sites"][site].get("synthetic")
-    return case_ids(config["sites"][site]["source"], site_root(site), site=site, spec=spec)
+    return case_ids(
+        config["sites"][site]["source"], site_root(site), site=site, spec=spec
+    )
 
 
 def get_raw_site(wildcards):
@@ -63,7 +68,9 @@ def get_raw_site(wildcards):
 
 
 def site_npz(site):
-    return expand("results/preprocessed/{site}/{case}.npz", site=site, case=site_case_ids(site))
+    return expand(
+        "results/preprocessed/{site}/{case}.npz", site=site, case=site_case_ids(site)
+    )
 
 
 def get_site_npz(wildcards):
@@ -147,7 +154,9 @@ def block_rounds(setting, block):
 
 
 def get_previous_global(wildcards):
-    return f"results/federated/{wildcards.setting}/round_{int(wildcards.r) - 1}/global.pt"
+    return (
+        f"results/federated/{wildcards.setting}/round_{int(wildcards.r) - 1}/global.pt"
+    )
 
 
 def get_previous_private(wildcards):
@@ -183,7 +192,11 @@ def get_federation_end(wildcards):
     setting = wildcards.setting
     if ROUNDS_PER_JOB == 1:
         return get_round_records(wildcards) + [get_last_global(wildcards)]
-    return expand("results/federated/{setting}/block_{b}.json", setting=setting, b=range(n_blocks(setting)))
+    return expand(
+        "results/federated/{setting}/block_{b}.json",
+        setting=setting,
+        b=range(n_blocks(setting)),
+    )
 
 
 def get_federated_settings(wildcards):
@@ -269,7 +282,9 @@ def get_federated_benchmark_list(wildcards=None):
     return [f for files in get_federated_benchmarks().values() for f in files]
 
 
-PAPER_TABLES = expand("results/paper/table{n}.{ext}", n=[2, 3, 4, 5, 6], ext=["csv", "md", "tex"])
+PAPER_TABLES = expand(
+    "results/paper/table{n}.{ext}", n=[2, 3, 4, 5, 6], ext=["csv", "md", "tex"]
+)
 PAPER_FIGURES = [
     "results/paper/fig_dice_per_organ.png",
     "results/paper/fig_qualitative.png",

@@ -6,6 +6,8 @@ rule make_synthetic_site:
         root=directory("results/raw/{site}"),
     log:
         "logs/make_synthetic_site/{site}.log",
+    conda:
+        "../../envs/data.yaml"
     params:
         site="{site}",
         spec=get_synthetic_spec,
@@ -22,6 +24,8 @@ rule validate_site:
         manifest="results/data/{site}/manifest.json",
     log:
         "logs/validate_site/{site}.log",
+    conda:
+        "../../envs/data.yaml"
     params:
         site="{site}",
         source=get_site_source,
@@ -45,6 +49,8 @@ rule plot_site_preview:
         ),
     log:
         "logs/plot_site_preview/{site}.log",
+    conda:
+        "../../envs/data.yaml"
     script:
         "../../scripts/plot_site_preview.py"
 
@@ -56,6 +62,8 @@ rule preprocess_case:
         npz="results/preprocessed/{site}/{case}.npz",
     log:
         "logs/preprocess_case/{site}/{case}.log",
+    conda:
+        "../../envs/data.yaml"
     params:
         case="{case}",
         labels=get_site_labels,
@@ -76,6 +84,8 @@ rule index_patches:
         index="results/patches/{site}.parquet",
     log:
         "logs/index_patches/{site}.log",
+    conda:
+        "../../envs/data.yaml"
     params:
         patch_size=config["patches"]["size"],
         min_fraction=config["patches"]["min_fraction"],

@@ -12,13 +12,15 @@ rule predict_site:
         "logs/predict_site/{model}/{site}.log",
     benchmark:
         "results/benchmarks/predict_site/{model}/{site}.tsv"
+    conda:
+        "../../envs/training.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         patch_size=config["patches"]["size"],
         step=config["inference"]["step"],
         mirror=config["inference"]["mirror"],
-    threads: 1
-    resources:
-        gpu=1,
     script:
         "../../scripts/predict_site.py"
 
@@ -31,6 +33,8 @@ rule evaluate_site:
         metrics="results/{model}/{site}/metrics.csv",
     log:
         "logs/evaluate_site/{model}/{site}.log",
+    conda:
+        "../../envs/data.yaml"
     params:
         labels=get_site_labels,
         model="{model}",

@@ -11,6 +11,8 @@ rule init_federation:
         global_model="results/federated/{setting}/round_0/global.pt",
     log:
         "logs/init_federation/{setting}.log",
+    conda:
+        "../../envs/training.yaml"
     script:
         "../../scripts/init_federation.py"
 
@@ -29,6 +31,11 @@ if ROUNDS_PER_JOB == 1:
             "logs/train_site_round/{setting}/round_{r}/{site}.log",
         benchmark:
             "results/benchmarks/train_site_round/{setting}/round_{r}/{site}.tsv"
+        conda:
+            "../../envs/training.yaml"
+        threads: 1
+        resources:
+            gpu=1,
         params:
             site="{site}",
             round="{r}",
@@ -39,9 +46,6 @@ if ROUNDS_PER_JOB == 1:
             seed=config["seed"],
             attempts=config["federated"]["retries"] + 1,
             on_site_failure=config["federated"]["on_site_failure"],
-        threads: 1
-        resources:
-            gpu=1,
         script:
             "../../scripts/train_site_round.py"
 
@@ -56,6 +60,8 @@ if ROUNDS_PER_JOB == 1:
             "logs/aggregate_round/{setting}/round_{r}.log",
         benchmark:
             "results/benchmarks/aggregate_round/{setting}/round_{r}.tsv"
+        conda:
+            "../../envs/training.yaml"
         params:
             round="{r}",
             policy=config["federated"]["on_site_failure"],
@@ -73,6 +79,11 @@ else:
             "logs/run_round_block/{setting}/block_{b}.log",
         benchmark:
             "results/benchmarks/run_round_block/{setting}/block_{b}.tsv"
+        conda:
+            "../../envs/training.yaml"
+        threads: len(SITES)
+        resources:
+            gpu=len(SITES),
         params:
             global_model=get_block_first_global,
             rounds=get_block_rounds,
@@ -84,9 +95,6 @@ else:
             seed=config["seed"],
             attempts=config["federated"]["retries"] + 1,
             on_site_failure=config["federated"]["on_site_failure"],
-        threads: len(SITES)
-        resources:
-            gpu=len(SITES),
         script:
             "../../scripts/run_round_block.py"
 
@@ -104,6 +112,8 @@ rule finalise_federation:
         ),
     log:
         "logs/finalise_federation/{setting}.log",
+    conda:
+        "../../envs/training.yaml"
     params:
         global_model=get_last_global,
         records=get_round_records,

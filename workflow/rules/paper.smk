@@ -17,8 +17,9 @@ rule make_tables:
         ],
     log:
         "logs/make_tables/make_tables.log",
+    conda:
+        "../../envs/plotting.yaml"
     params:
-        out_dir="results/paper",
         central_losses=CENTRAL_LOSSES,
         margexc=LOSSES["margexc"],
         default_losses=LOSSES["default"],
@@ -60,8 +61,8 @@ rule make_figures:
         ),
     log:
         "logs/make_figures/make_figures.log",
-    params:
-        out_dir="results/paper",
+    conda:
+        "../../envs/plotting.yaml"
     script:
         "../../scripts/make_figures.py"
 

@@ -17,10 +17,14 @@ rule pretrain:
         "logs/pretrain/pretrain.log",
     benchmark:
         "results/benchmarks/pretrain/pretrain.tsv"
+    conda:
+        "../../envs/training.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         kind="pretrain",
         sites=[site_descriptor(s) for s in FULL_SITES],
-        init="",
         loss=COMBINATIONS[LOSSES["default"]],
         epochs=config["training"]["pretrain_epochs"],
         freeze_mode="full",
@@ -29,9 +33,6 @@ rule pretrain:
         training=config["training"],
         patch_size=config["patches"]["size"],
         seed=config["seed"],
-    threads: 1
-    resources:
-        gpu=1,
     script:
         "../../scripts/train_model.py"
 
@@ -52,10 +53,14 @@ rule train_central:
         "logs/train_central/{losses}.log",
     benchmark:
         "results/benchmarks/train_central/{losses}.tsv"
+    conda:
+        "../../envs/training.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         kind="central",
         sites=[site_descriptor(s) for s in SITES],
-        init="results/models/pretrain/model.pt",
         loss=get_loss,
         epochs=config["training"]["central_epochs"],
         freeze_mode="full",
@@ -64,9 +69,6 @@ rule train_central:
         training=config["training"],
         patch_size=config["patches"]["size"],
         seed=config["seed"],
-    threads: 1
-    resources:
-        gpu=1,
     script:
         "../../scripts/train_model.py"
 
@@ -86,10 +88,14 @@ rule train_site_alone:
         "logs/train_site_alone/{site}.log",
     benchmark:
         "results/benchmarks/train_site_alone/{site}.tsv"
+    conda:
+        "../../envs/training.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         kind="site_alone",
         sites=get_site_descriptor,
-        init="",
         loss=get_site_alone_loss,
         epochs=config["training"]["site_alone_epochs"],
         freeze_mode="full",
@@ -98,8 +104,5 @@ rule train_site_alone:
         training=config["training"],
         patch_size=config["patches"]["size"],
         seed=config["seed"],
-    threads: 1
-    resources:
-        gpu=1,
     script:
         "../../scripts/train_model.py"
