@@ -20,7 +20,7 @@ def main(snakemake) -> None:
         previous_global=params.global_model,
         sites=[str(s) for s in params.sites],
         manifests=list(snakemake.input.manifests),
-        cases=list(snakemake.input.cases),
+        cases=list(params.cases),
         patches=list(snakemake.input.patches),
         first_round=int(params.rounds["first_round"]),
         last_round=int(params.rounds["last_round"]),

@@ -332,13 +332,22 @@ def get_local_iterations(wildcards):
 
 
 def get_block_inputs(wildcards):
-    """A block job's inputs: the previous block's state and every site's data, each read by its own worker."""
+    """A block job's inputs: the previous block's state and every site's manifest and patch index.
+
+    A site's patch index is built from all of its preprocessed cases, so it orders the block after them;
+    the case paths themselves go through params (get_block_cases): as inputs of every block job they were
+    350 x 693 DAG edges in the paper config.
+    """
     return {
         "previous": get_previous_block(wildcards),
-        "manifests": [site_inputs(s)["manifest"] for s in SITES],
-        "patches": [site_inputs(s)["patches"] for s in SITES],
-        "cases": [c for s in SITES for c in site_inputs(s)["cases"]],
+        "manifests": [site_descriptor(s)["manifest"] for s in SITES],
+        "patches": [site_descriptor(s)["patches"] for s in SITES],
     }
+
+
+def get_block_cases(wildcards):
+    """Every site's preprocessed case paths, for a block job's workers (each reads only its own site's)."""
+    return [c for s in SITES for c in site_npz(s)]
 
 
 def get_block_first_global(wildcards):

@@ -86,6 +86,7 @@ else:
             gpu=len(SITES),
         params:
             global_model=get_block_first_global,
+            cases=get_block_cases,
             rounds=get_block_rounds,
             sites=SITES,
             local_iterations=get_local_iterations,
