@@ -1,27 +1,26 @@
-"""Snakemake entry point: write one synthetic site's nnU-Net raw folder (synthetic.write_site)."""
+"""Snakemake entry point of rule make_synthetic_site: one synthetic site's nnU-Net raw folder."""
 
-import contextlib
+import logging
 import sys
 
 from fedpsmos.data.synthetic import write_site
 
 
-def main(smk) -> None:
-    """Wire ``output.root`` and ``params`` (site, spec, labels, seed) to :func:`write_site`."""
-    log = smk.log[0] if smk.log else None
-    with (
-        open(log, "w") if log else contextlib.nullcontext(sys.stderr) as err,
-        contextlib.redirect_stderr(err),
-    ):
-        cases = write_site(
-            smk.output.root,
-            site=smk.params.site,
-            spec=dict(smk.params.spec),
-            labels=dict(smk.params.labels),
-            seed=int(smk.params.seed),
-        )
-        print(f"{smk.params.site}: wrote {len(cases)} synthetic cases to {smk.output.root}", file=sys.stderr)
+def main(snakemake) -> None:
+    """Write ``output.root`` from the site's synthetic spec and label map."""
+    params = snakemake.params
+    cases = write_site(
+        snakemake.output.root,
+        site=params.site,
+        spec=dict(params.spec),
+        labels=dict(params.labels),
+        seed=int(params.seed),
+    )
+    logging.info("%s: wrote %d synthetic cases to %s", params.site, len(cases), snakemake.output.root)
 
 
 if "snakemake" in globals():
+    if snakemake.log:  # noqa: F821
+        sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     main(snakemake)  # noqa: F821

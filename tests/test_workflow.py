@@ -4,11 +4,14 @@ end to end (every rule family), with a one-site adaptation rerun that touches no
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
+from fedpsmos.training.checkpoint import load_checkpoint
 from tests.workflow_helpers import dry_run_jobs, snakemake
 
 SITES = ["site1", "site2", "site3", "site4", "site5"]
@@ -54,10 +57,9 @@ def test_no_site_rule_reads_another_sites_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.workflow
-def test_tiny_config_runs_end_to_end(tmp_path: Path) -> None:
-    # Execute: the whole workflow on the tiny config
-    work = tmp_path / "run"
-    snakemake(work, "--cores", "2", "all")
+def test_tiny_config_runs_end_to_end(tiny_run: Path) -> None:
+    # Execute: the whole workflow on the tiny config (run once per session by the tiny_run fixture)
+    work = tiny_run
     # Assert: every table and figure, and metrics for the organs each site labels
     paper = work / "results" / "paper"
     for n in (2, 3, 4, 5, 6):
@@ -89,3 +91,28 @@ def test_tiny_config_runs_end_to_end(tmp_path: Path) -> None:
     for path in changed:
         rel = path.relative_to(work).as_posix()
         assert "decoder/site3" in rel, rel
+
+
+@pytest.mark.workflow
+def test_blocks_of_rounds_give_the_per_round_federated_model(tiny_run: Path, tmp_path: Path) -> None:
+    # Prepare: a copy of the tiny run, switched to blocks of 2 rounds per job (the paper config's layout)
+    work = tmp_path / "blocks"
+    shutil.copytree(tiny_run, work, symlinks=True)
+    overlay = tmp_path / "blocks.yaml"
+    overlay.write_text("federated:\n  rounds_per_job: 2\n")
+    target = "results/models/federated/V1/model.pt"
+    # Execute
+    plan = dry_run_jobs(snakemake(work, "-n", target, extra_overlays=[overlay]).stdout)
+    snakemake(work, "--cores", "2", target, extra_overlays=[overlay])
+    # Assert: one block job ran both rounds, wrote every round's files and reached the same weights
+    assert sorted(j["rule"] for j in plan) == ["finalise_federation", "run_round_block"]
+    for r in (1, 2):
+        assert {p.name for p in (work / "results/federated/V1" / f"round_{r}").iterdir()} >= {
+            "global.pt",
+            "record.json",
+            *(f"{s}.pt" for s in SITES),
+        }
+    by_block = load_checkpoint(work / target)["model"]
+    by_rounds = load_checkpoint(tiny_run / target)["model"]
+    assert by_block.keys() == by_rounds.keys()
+    assert all(torch.equal(by_block[k], by_rounds[k]) for k in by_rounds)

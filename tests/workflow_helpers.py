@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,9 +19,12 @@ def snakemake(
     overlay: str | None = "config/ci.yaml",
     timeout: float = 1800,
     check: bool = True,
+    extra_overlays: Sequence[Path] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run snakemake on the repository's Snakefile in ``workdir`` with the default config plus ``overlay``."""
+    """Run snakemake on the repository's Snakefile in ``workdir`` with the default config plus ``overlay``
+    (repository-relative) and ``extra_overlays`` (paths of the test's own)."""
     configs = [str(REPO / "config.yaml")] + ([str(REPO / overlay)] if overlay else [])
+    configs += [str(p) for p in extra_overlays]
     # Targets go before --configfile, which takes every following word as a file.
     cmd = [*SNAKEMAKE, *args, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", *configs]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -53,3 +57,59 @@ def dry_run_jobs(output: str) -> list[dict[str, object]]:
             else:
                 current[key] = [v.strip() for v in value.split(", ") if v.strip()]
     return jobs
+
+
+# ------------------------------------------------------------------ fault injection (tests/test_faults.py)
+
+
+def snakemake_command(
+    workdir: Path, *args: str, overlays: list[str | Path] | tuple[str | Path, ...] = ()
+) -> list[str]:
+    """The snakemake command for ``workdir``: config.yaml plus ``overlays`` (repo-relative or absolute)."""
+    configs = [str(REPO / "config.yaml")] + [str(REPO / o) for o in overlays]
+    return [*SNAKEMAKE, *args, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", *configs]
+
+
+def snakemake_overlays(
+    workdir: Path,
+    *args: str,
+    overlays: list[str | Path],
+    timeout: float = 1800,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Like :func:`snakemake`, with several overlays (``REPO / overlay``, so absolute paths stay absolute)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = snakemake_command(workdir, *args, overlays=overlays)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir.parent)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"snakemake failed ({result.returncode}): {' '.join(args)}\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
+    return result
+
+
+def processes_running(script: str, workdir: Path) -> list[int]:
+    """PIDs of live Python processes running ``script`` (e.g. ``train_site_round.py``) of ``workdir``'s run.
+
+    Snakemake runs a rule's script as ``python {workdir}/.snakemake/scripts/tmpXXXX.{script}``; only those of
+    ``workdir`` match, so a test never touches another run's processes on the same machine.
+    """
+    prefix = str(Path(workdir).resolve() / ".snakemake" / "scripts") + os.sep
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = [
+                part.decode(errors="replace") for part in (entry / "cmdline").read_bytes().split(b"\0")
+            ]
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        # The interpreter itself, not a shell wrapper whose -c string mentions the script.
+        python = Path(cmdline[0]).name.startswith("python")
+        ours = any(part.startswith(prefix) and part.endswith(script) for part in cmdline[1:])
+        if state != "Z" and python and ours:
+            pids.append(int(entry.name))
+    return sorted(pids)

@@ -1,0 +1,391 @@
+"""Faults met by the running workflow: kill -9 of jobs and of Snakemake itself, corrupt or malicious site
+checkpoints before aggregation, and a site that fails every attempt under each fault policy.
+
+Every test runs the real Snakefile (``tests/workflow_helpers.py``) on ``config/ci.yaml`` plus
+``config/faults.yaml``. The data, preprocessing, patch indices and M0 are built once per module and copied
+into each test's own working directory (copies keep modification times and ``.snakemake`` metadata, so
+Snakemake sees them as done). docs/reliability.md lists each fault, what happens, and which test proves it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
+from tests.workflow_helpers import processes_running, snakemake_command, snakemake_overlays
+
+pytestmark = pytest.mark.workflow
+
+SITES = ["site1", "site2", "site3", "site4", "site5"]
+FAULTS = ["config/ci.yaml", "config/faults.yaml"]
+FED = "results/federated/V1"
+TARGETS = ("results/models/federated/V1/model.pt", "results/models/adapted/full/site2/model.pt")
+COMPARED = (
+    f"{FED}/round_1/global.pt",
+    f"{FED}/round_2/global.pt",
+    *(f"{FED}/round_{r}/{site}.pt" for r in (1, 2) for site in SITES),
+    *TARGETS,
+)
+WAIT = 600.0  # seconds: the longest any stage may take on a loaded 2-core machine before the test gives up
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working directory holding every site's data, preprocessed cases, patch index and M0."""
+    work = tmp_path_factory.mktemp("faults") / "prefix"
+    parquets = [f"results/patches/{site}.parquet" for site in SITES]
+    snakemake_overlays(work, "--cores", "2", "results/models/pretrain/model.pt", *parquets, overlays=FAULTS)
+    return work
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    # copytree keeps modification times (copy2), so nothing upstream looks outdated to Snakemake.
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def _overlay(path: Path, settings: dict) -> Path:
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def _models_equal(a: Path, b: Path) -> list[str]:
+    """Names of the model tensors that differ between two checkpoints (empty: bit-identical)."""
+    left, right = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert left.keys() == right.keys(), (a, b)
+    return [k for k in left if not torch.equal(left[k], right[k])]
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _bench_seconds(work: Path, pattern: str) -> float:
+    """Shortest wall time (s) of finished jobs, from their Snakemake benchmark files."""
+    times = [float(p.read_text().splitlines()[1].split("\t")[0]) for p in work.glob(pattern)]
+    assert times, pattern
+    return min(times)
+
+
+# ------------------------------------------------------------------------------------------- 1. kill -9
+
+
+class Injector:
+    """Starts Snakemake runs in one working directory and kills what it is told to, with bounded waits.
+
+    ``cleanup`` kills the run and every job process of this working directory that is still alive, so a
+    failing test leaves nothing behind.
+    """
+
+    def __init__(self, work: Path, overlays: list[str], logs: Path) -> None:
+        self.work, self.overlays, self.logs = work, overlays, logs
+        self.run: subprocess.Popen[bytes] | None = None
+        self.count = 0
+
+    def start(self, *extra: str) -> subprocess.Popen[bytes]:
+        """Start ``snakemake --cores 1 TARGETS`` (one job at a time, so each kill hits a known job)."""
+        self.count += 1
+        cmd = snakemake_command(self.work, "--cores", "1", *extra, *TARGETS, overlays=self.overlays)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"run{self.count}.log", "wb") as out:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            self.run = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.work.parent
+            )
+        return self.run
+
+    def output(self) -> str:
+        """The current run's Snakemake output."""
+        return (self.logs / f"run{self.count}.log").read_text(errors="replace")
+
+    def wait_until(self, what: str, ready: Callable[[], int | None]) -> int:
+        """Poll ``ready`` until it returns a PID (or other non-None value); fail if the run ends first."""
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            found = ready()
+            if found is not None:
+                return found
+            assert self.run is not None
+            if self.run.poll() is not None:
+                pytest.fail(f"run ended ({self.run.returncode}) before {what}:\n{self.output()[-3000:]}")
+            time.sleep(0.05)
+        pytest.fail(f"timed out waiting for {what}")
+
+    def job_older_than(self, script: str, seconds: float, when: Callable[[], bool] = lambda: True) -> int:
+        """PID of a job running ``script`` that has been alive ``seconds`` (first seen by this poller)."""
+        seen: dict[int, float] = {}
+
+        def ready() -> int | None:
+            now = time.monotonic()
+            for pid in processes_running(script, self.work) if when() else []:
+                if now - seen.setdefault(pid, now) >= seconds:
+                    return pid
+            return None
+
+        return self.wait_until(f"a {script} job alive for {seconds:.1f} s", ready)
+
+    def wait_exit(self) -> int:
+        """Wait for the current Snakemake run to end; its exit status."""
+        assert self.run is not None
+        return self.run.wait(timeout=WAIT)
+
+    def wait_jobs_gone(self) -> None:
+        """Wait for job processes orphaned by a killed Snakemake to finish by themselves."""
+        deadline = time.monotonic() + WAIT
+        while processes_running("", self.work):
+            assert time.monotonic() < deadline, "orphaned jobs did not finish"
+            time.sleep(0.2)
+
+    def cleanup(self) -> None:
+        """Kill the run and every remaining job process of this working directory."""
+        if self.run is not None and self.run.poll() is None:
+            self.run.kill()
+            self.run.wait(timeout=60)
+        for pid in processes_running("", self.work):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_kill9_of_jobs_and_snakemake_resumes_to_the_uninterrupted_models(
+    prefix: Path, tmp_path: Path
+) -> None:
+    # Prepare: one uninterrupted run of the federated chain and one adaptation (CPU, same seed), with one job
+    # at a time like the interrupted run, so its job times tell when a kill lands inside a job
+    clean = _copy(prefix, tmp_path / "clean")
+    snakemake_overlays(clean, "--cores", "1", *TARGETS, overlays=FAULTS)
+    site_round = _bench_seconds(clean, "results/benchmarks/train_site_round/V1/round_*/*.tsv")
+    aggregation = _bench_seconds(clean, "results/benchmarks/aggregate_round/V1/round_*.tsv")
+    work = _copy(prefix, tmp_path / "killed")
+    inject = Injector(work, FAULTS, tmp_path / "snakemake-logs")
+    adapted = work / "results/models/adapted/full/site2"
+    try:
+        # Execute (a): kill -9 a local training job 60 % into the shortest such job's run time (past the
+        # imports and set-up, inside the local iterations)
+        inject.start()
+        pid = inject.job_older_than("train_site_round.py", 0.6 * site_round)
+        os.kill(pid, signal.SIGKILL)
+        assert inject.wait_exit() != 0
+        assert "Error in rule train_site_round" in inject.output()
+
+        # Execute (b): kill -9 an aggregation job
+        inject.start("--rerun-incomplete")
+        pid = inject.job_older_than("aggregate_round.py", 0.5 * aggregation)
+        os.kill(pid, signal.SIGKILL)
+        assert inject.wait_exit() != 0
+        assert "Error in rule aggregate_round" in inject.output()
+
+        # Execute (d): kill -9 Snakemake itself while a round-2 site job runs; the job is orphaned
+        run = inject.start("--rerun-incomplete")
+        round_1_done = (work / FED / "round_1" / "global.pt").exists
+        inject.job_older_than("train_site_round.py", 0.3 * site_round, when=round_1_done)
+        os.kill(run.pid, signal.SIGKILL)
+        assert inject.wait_exit() == -signal.SIGKILL
+        inject.wait_jobs_gone()
+        assert (work / ".snakemake" / "locks").exists() and any((work / ".snakemake" / "locks").iterdir())
+        snakemake_overlays(work, "--unlock", *TARGETS, overlays=FAULTS)  # what a user does after a crash
+
+        # Execute (c): kill -9 the adaptation mid-epoch, once its first epoch's resume.pt exists
+        inject.start("--rerun-incomplete")
+        inject.wait_until("adaptation's resume.pt", lambda: 0 if (adapted / "resume.pt").exists() else None)
+        pids = processes_running("train_model.py", work)
+        assert pids, "the adaptation finished before it could be killed"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        assert inject.wait_exit() != 0
+        assert "Error in rule adapt_model" in inject.output()
+        assert not (adapted / "model.pt").exists()
+        resumed_after = load_checkpoint(adapted / "resume.pt")["epoch"]
+
+        # Execute: the rerun a user types
+        inject.start("--rerun-incomplete")
+        assert inject.wait_exit() == 0, inject.output()[-3000:]
+    finally:
+        inject.cleanup()
+
+    # Assert: the adaptation resumed from its epoch checkpoint, and every round and final model is
+    # bit-identical to the uninterrupted run's
+    log = (work / "logs/adapt_model/full/site2.log").read_text()
+    assert f"after epoch {resumed_after}" in log and "resuming from" in log
+    assert not (adapted / "resume.pt").exists()
+    for rel in COMPARED:
+        assert _models_equal(clean / rel, work / rel) == [], rel
+    assert processes_running("", work) == []
+
+
+# ------------------------------------------------------------------------------ 2. corrupt site checkpoints
+
+
+class Evil:
+    """Unpickling this creates ``marker``: a checkpoint that would run code on whoever loads it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _truncate(path: Path, marker: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _wrong_shape(path: Path, marker: Path) -> None:
+    payload = load_checkpoint(path)
+    key = next(k for k, v in payload["model"].items() if v.ndim == 5)  # a conv weight [out, in, z, y, x]
+    shape = list(payload["model"][key].shape)
+    payload["model"][key] = torch.zeros([shape[0] + 1, *shape[1:]])
+    del payload["integrity"]
+    save_checkpoint(path, payload)  # a well-formed file with a valid integrity record: only the shape is bad
+
+
+def _nan(path: Path, marker: Path) -> None:
+    payload = load_checkpoint(path)
+    key = next(k for k, v in payload["model"].items() if v.is_floating_point())
+    payload["model"][key].view(-1)[0] = math.nan
+    del payload["integrity"]
+    save_checkpoint(path, payload)
+
+
+def _malicious(path: Path, marker: Path) -> None:
+    payload = load_checkpoint(path)
+    payload["meta"]["note"] = Evil(marker)
+    torch.save(payload, path)
+
+
+CORRUPTIONS = [
+    ("truncated", _truncate, "truncated or corrupt checkpoint"),
+    ("wrong shape", _wrong_shape, "shape"),
+    ("nan", _nan, "non-finite"),
+    ("malicious pickle", _malicious, "not a weights-only checkpoint"),
+]
+
+
+@pytest.fixture(scope="module")
+def round_1_sites(prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A working directory where round 1's site jobs ran (1 local iteration each) and nothing else; its
+    overlay."""
+    base = tmp_path_factory.mktemp("round1")
+    overlay = _overlay(base / "short.yaml", {"federated": {"settings": {"V1": {"local_iterations": 1}}}})
+    work = _copy(prefix, base / "run")
+    sites = [f"{FED}/round_1/{site}.pt" for site in SITES]
+    snakemake_overlays(work, "--cores", "2", *sites, overlays=[*FAULTS, overlay])
+    return work, overlay
+
+
+@pytest.mark.parametrize(("name", "corrupt", "problem"), CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_corrupt_site_checkpoint_stops_aggregation_with_one_line(
+    round_1_sites: tuple[Path, Path], tmp_path: Path, name: str, corrupt, problem: str
+) -> None:
+    # Prepare: site2's round-1 file replaced after its job ran, before aggregation
+    source, overlay = round_1_sites
+    work = _copy(source, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    site_file = work / FED / "round_1" / "site2.pt"
+    corrupt(site_file, marker)
+    # Execute
+    result = snakemake_overlays(
+        work, "--cores", "1", f"{FED}/round_1/global.pt", overlays=[*FAULTS, overlay], check=False
+    )
+    # Assert: the aggregation fails, its log's last line names round, site, file and problem
+    assert result.returncode != 0
+    assert "Error in rule aggregate_round" in result.stdout + result.stderr
+    line = _last_line(work / "logs/aggregate_round/V1/round_1.log")
+    assert line.startswith("fedpsmos.federated.rounds.RoundError: round 1, site site2"), line
+    assert problem in line, line
+    if name == "wrong shape":  # the shape check names the tensor; site and round name the file
+        assert "expected (" in line, line
+    else:
+        assert f"{FED}/round_1/site2.pt" in line, line
+    assert not (work / FED / "round_1" / "global.pt").exists()
+    assert not (work / FED / "round_1" / "record.json").exists()
+    assert not marker.exists(), "the malicious pickle ran code"
+
+
+def test_malicious_pickle_runs_code_when_loaded_unsafely(tmp_path: Path) -> None:
+    # Guards the test above: the Evil payload really does create its marker when unpickled without
+    # weights_only, so its absence there means the loader refused it.
+    marker = tmp_path / "pwned"
+    torch.save({"meta": {"note": Evil(marker)}}, tmp_path / "evil.pt")
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()
+
+
+# ------------------------------------------------------------------------------ 4. a site that always fails
+
+
+@pytest.fixture
+def failing_site3(prefix: Path, tmp_path: Path) -> Iterator[Path]:
+    """A working directory whose site3 patch index was overwritten with garbage after it was built: every
+    local training attempt of site3 fails when it reads the index."""
+    work = _copy(prefix, tmp_path / "run")
+    (work / "results/patches/site3.parquet").write_bytes(b"not a parquet file\n" * 10)
+    yield work
+    for pid in processes_running("", work):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _policy_overlay(tmp_path: Path, policy: str) -> Path:
+    settings = {"federated": {"settings": {"V1": {"local_iterations": 1}}, "on_site_failure": policy}}
+    return _overlay(tmp_path / f"{policy}.yaml", settings)
+
+
+def test_site_failing_every_attempt_fails_the_round_under_fail(failing_site3: Path, tmp_path: Path) -> None:
+    work = failing_site3
+    # Execute
+    result = snakemake_overlays(
+        work, "--cores", "2", TARGETS[0], overlays=[*FAULTS, _policy_overlay(tmp_path, "fail")], check=False
+    )
+    # Assert: the workflow fails at site3's round-1 job after all its attempts; round 1 has no global model
+    assert result.returncode != 0
+    assert "Error in rule train_site_round" in result.stdout + result.stderr
+    line = _last_line(work / "logs/train_site_round/V1/round_1/site3.log")
+    assert "RoundError: site site3 round 1: all 2 attempt(s) failed" in line, line
+    assert not (work / FED / "round_1" / "site3.pt").exists()
+    assert not (work / FED / "round_1" / "global.pt").exists()
+    assert not (work / TARGETS[0]).exists()
+
+
+def test_site_failing_every_attempt_is_dropped_under_skip(failing_site3: Path, tmp_path: Path) -> None:
+    work = failing_site3
+    # Execute
+    snakemake_overlays(
+        work, "--cores", "2", TARGETS[0], overlays=[*FAULTS, _policy_overlay(tmp_path, "skip")]
+    )
+    # Assert: each round aggregates the four other sites with renormalised n_k weights and records site3
+    for r in (1, 2):
+        record = json.loads((work / FED / f"round_{r}" / "record.json").read_text())
+        assert record["policy"] == "skip" and record["failed"] == ["site3"] and record["renormalised"]
+        kept = [s for s in SITES if s != "site3"]
+        assert record["sites"] == kept
+        total = sum(record["n_cases"][s] for s in kept)
+        assert record["weights"] == pytest.approx({s: record["n_cases"][s] / total for s in kept})
+        site3 = load_checkpoint(work / FED / f"round_{r}" / "site3.pt")["meta"]
+        assert site3["failed"] and site3["attempts"] == 2 and site3["mean_loss"] is None
+        # The global model is the weighted mean of the four kept sites only.
+        states = {s: load_checkpoint(work / FED / f"round_{r}" / f"{s}.pt")["model"] for s in kept}
+        merged = load_checkpoint(work / FED / f"round_{r}" / "global.pt")["model"]
+        for key, value in merged.items():
+            expected = sum(record["weights"][s] * states[s][key].double() for s in kept)
+            torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+        assert (
+            "skipped after 2 attempt(s)"
+            in (work / f"logs/train_site_round/V1/round_{r}/site3.log").read_text()
+        )
+    final = load_checkpoint(work / TARGETS[0])
+    assert final["meta"]["kind"] == "federated"
