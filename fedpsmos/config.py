@@ -1,8 +1,9 @@
 """Load and validate the workflow configuration.
 
-The schema (``workflow/schemas/config.schema.yaml``) checks types and allowed keys; :func:`validate_config` adds
-the checks a schema cannot express (names that must refer to each other, a fully labelled site for
-pre-training, a patch that the network can downsample). Every error names the offending key.
+The schema (``workflow/schemas/config.schema.yaml``) checks types and allowed keys;
+:func:`validate_config` adds the checks a schema cannot express (names that must refer to each other, a
+fully labelled site for pre-training, a patch that the network can downsample). Every error names the
+offending key.
 """
 
 from __future__ import annotations

@@ -94,3 +94,14 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole workflow (`all`) run once per test session on the tiny config (config/ci.yaml); its
+    working directory. Tests that use it may run more on it but must not remove its results."""
+    from tests.workflow_helpers import snakemake
+
+    work = tmp_path_factory.mktemp("tiny_run") / "run"
+    snakemake(work, "--cores", "2", "all")
+    return work

@@ -11,6 +11,7 @@ rule make_tables:
                 f"results/paper/table{n}.{ext}",
                 caption=f"../report/table{n}.rst",
                 category="Tables",
+                labels={"table": f"Table {n}", "format": ext.upper()},
             )
             for n in [2, 3, 4, 5, 6]
             for ext in ["csv", "md", "tex"]
@@ -43,21 +44,25 @@ rule make_figures:
             "results/paper/fig_dice_per_organ.png",
             caption="../report/fig_dice_per_organ.rst",
             category="Figures",
+            labels={"figure": "Dice per organ and model"},
         ),
         qualitative=report(
             "results/paper/fig_qualitative.png",
             caption="../report/fig_qualitative.rst",
             category="Figures",
+            labels={"figure": "Qualitative results"},
         ),
         federated=report(
             "results/paper/fig_federated_curves.png",
             caption="../report/fig_federated_curves.rst",
             category="Figures",
+            labels={"figure": "Federated training curves"},
         ),
         training=report(
             "results/paper/fig_training_curves.png",
             caption="../report/fig_training_curves.rst",
             category="Figures",
+            labels={"figure": "Training curves"},
         ),
     log:
         "logs/make_figures/make_figures.log",
