@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import Geometry, tiny_ct, write_sitk
-from tests.workflow_helpers import snakemake_overlays
+from tests.workflow_helpers import snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -141,7 +141,7 @@ def test_bad_case_stops_validate_site_with_one_line_and_no_manifest(
     breakage(root)
     work = tmp_path / "run"
     # Execute
-    result = snakemake_overlays(
+    result = snakemake(
         work,
         "--cores",
         "1",
@@ -208,7 +208,7 @@ def test_bad_site_config_fails_when_the_workflow_loads(tmp_path: Path, name: str
     # Execute: a dry run is enough, the workflow refuses to load
     work = tmp_path / "run"
     overlay = _overlay(tmp_path, site(tmp_path))
-    result = snakemake_overlays(work, "-n", MANIFEST, overlays=["config/ci.yaml", overlay], check=False)
+    result = snakemake(work, "-n", MANIFEST, overlays=["config/ci.yaml", overlay], check=False)
     # Assert: one line names the key or the folder and the problem; nothing was built
     assert result.returncode != 0
     output = result.stdout + result.stderr
@@ -222,7 +222,7 @@ def test_patch_larger_than_resampled_image_fails_index_patches(tmp_path: Path) -
     overlay.write_text(yaml.safe_dump({"patches": {"size": [64, 256, 256]}}))
     work = tmp_path / "run"
     # Execute
-    result = snakemake_overlays(
+    result = snakemake(
         work,
         "--cores",
         "2",

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
-from tests.workflow_helpers import processes_running, snakemake_command, snakemake_overlays
+from tests.workflow_helpers import processes_running, snakemake, snakemake_command
 
 pytestmark = pytest.mark.workflow
 
@@ -46,7 +46,7 @@ def prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A working directory holding every site's data, preprocessed cases, patch index and M0."""
     work = tmp_path_factory.mktemp("faults") / "prefix"
     parquets = [f"results/patches/{site}.parquet" for site in SITES]
-    snakemake_overlays(work, "--cores", "2", "results/models/pretrain/model.pt", *parquets, overlays=FAULTS)
+    snakemake(work, "--cores", "2", "results/models/pretrain/model.pt", *parquets, overlays=FAULTS)
     return work
 
 
@@ -167,7 +167,7 @@ def test_kill9_of_jobs_and_snakemake_resumes_to_the_uninterrupted_models(
     # Prepare: one uninterrupted run of the federated chain and one adaptation (CPU, same seed), with one job
     # at a time like the interrupted run, so its job times tell when a kill lands inside a job
     clean = _copy(prefix, tmp_path / "clean")
-    snakemake_overlays(clean, "--cores", "1", *TARGETS, overlays=FAULTS)
+    snakemake(clean, "--cores", "1", *TARGETS, overlays=FAULTS)
     site_round = _bench_seconds(clean, "results/benchmarks/train_site_round/V1/round_*/*.tsv")
     aggregation = _bench_seconds(clean, "results/benchmarks/aggregate_round/V1/round_*.tsv")
     work = _copy(prefix, tmp_path / "killed")
@@ -197,7 +197,7 @@ def test_kill9_of_jobs_and_snakemake_resumes_to_the_uninterrupted_models(
         assert inject.wait_exit() == -signal.SIGKILL
         inject.wait_jobs_gone()
         assert (work / ".snakemake" / "locks").exists() and any((work / ".snakemake" / "locks").iterdir())
-        snakemake_overlays(work, "--unlock", *TARGETS, overlays=FAULTS)  # what a user does after a crash
+        snakemake(work, "--unlock", *TARGETS, overlays=FAULTS)  # what a user does after a crash
 
         # Execute (c): kill -9 the adaptation mid-epoch, once its first epoch's resume.pt exists
         inject.start("--rerun-incomplete")
@@ -284,7 +284,7 @@ def round_1_sites(prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     overlay = _overlay(base / "short.yaml", {"federated": {"settings": {"V1": {"local_iterations": 1}}}})
     work = _copy(prefix, base / "run")
     sites = [f"{FED}/round_1/{site}.pt" for site in SITES]
-    snakemake_overlays(work, "--cores", "2", *sites, overlays=[*FAULTS, overlay])
+    snakemake(work, "--cores", "2", *sites, overlays=[*FAULTS, overlay])
     return work, overlay
 
 
@@ -299,7 +299,7 @@ def test_corrupt_site_checkpoint_stops_aggregation_with_one_line(
     site_file = work / FED / "round_1" / "site2.pt"
     corrupt(site_file, marker)
     # Execute
-    result = snakemake_overlays(
+    result = snakemake(
         work, "--cores", "1", f"{FED}/round_1/global.pt", overlays=[*FAULTS, overlay], check=False
     )
     # Assert: the aggregation fails, its log's last line names round, site, file and problem
@@ -348,7 +348,7 @@ def _policy_overlay(tmp_path: Path, policy: str) -> Path:
 def test_site_failing_every_attempt_fails_the_round_under_fail(failing_site3: Path, tmp_path: Path) -> None:
     work = failing_site3
     # Execute
-    result = snakemake_overlays(
+    result = snakemake(
         work, "--cores", "2", TARGETS[0], overlays=[*FAULTS, _policy_overlay(tmp_path, "fail")], check=False
     )
     # Assert: the workflow fails at site3's round-1 job after all its attempts; round 1 has no global model
@@ -364,9 +364,7 @@ def test_site_failing_every_attempt_fails_the_round_under_fail(failing_site3: Pa
 def test_site_failing_every_attempt_is_dropped_under_skip(failing_site3: Path, tmp_path: Path) -> None:
     work = failing_site3
     # Execute
-    snakemake_overlays(
-        work, "--cores", "2", TARGETS[0], overlays=[*FAULTS, _policy_overlay(tmp_path, "skip")]
-    )
+    snakemake(work, "--cores", "2", TARGETS[0], overlays=[*FAULTS, _policy_overlay(tmp_path, "skip")])
     # Assert: each round aggregates the four other sites with renormalised n_k weights and records site3
     for r in (1, 2):
         record = json.loads((work / FED / f"round_{r}" / "record.json").read_text())

@@ -71,15 +71,23 @@ def slurm_cluster() -> None:
 
 
 def sbatch_recorder(bin_dir: Path, record: Path) -> dict[str, str]:
-    """Put an ``sbatch`` first on PATH that logs each call's arguments to ``record`` and runs the real one.
+    """Put an ``sbatch`` first on PATH that runs the real one and logs ``<job id> <arguments>`` per call.
 
+    The plugin submits with ``--parsable``, so the real sbatch prints the job id (``id`` or ``id;cluster``).
     Returns the environment for the snakemake subprocess.
     """
     real = shutil.which("sbatch")
     assert real is not None
     bin_dir.mkdir(parents=True, exist_ok=True)
     wrapper = bin_dir / "sbatch"
-    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{record}"\nexec "{real}" "$@"\n')
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'out=$("{real}" "$@")\n'
+        "rc=$?\n"
+        f'printf "%s %s\\n" "${{out%%;*}}" "$*" >> "{record}"\n'
+        'printf "%s\\n" "$out"\n'
+        "exit $rc\n"
+    )
     wrapper.chmod(0o755)
     env = dict(os.environ)
     env["PATH"] = f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -88,14 +96,38 @@ def sbatch_recorder(bin_dir: Path, record: Path) -> dict[str, str]:
     return env
 
 
+def recorded_calls(record: Path) -> dict[str, str]:
+    """Map SLURM job id -> the sbatch argument line that submitted it, from the wrapper's record."""
+    calls: dict[str, str] = {}
+    for line in record.read_text().splitlines():
+        job_id, _, arguments = line.partition(" ")
+        assert job_id.isdigit(), f"sbatch call that returned no job id: {line[:200]}"
+        calls[job_id] = arguments
+    return calls
+
+
 def submissions(record: Path) -> dict[str, list[str]]:
     """Map rule name -> the sbatch argument lines recorded for it (the plugin comments ``rule_<name>``)."""
     calls: dict[str, list[str]] = {}
-    for line in record.read_text().splitlines():
+    for line in recorded_calls(record).values():
         match = re.search(r"--comment '?rule_([A-Za-z0-9_]+?)(?:_wildcards_\S*)?'?\s", line)
         assert match, f"sbatch call without the plugin's rule comment: {line[:200]}"
         calls.setdefault(match.group(1), []).append(line)
     return calls
+
+
+def rules_run_per_slurm_job(workdir: Path) -> dict[str, list[str]]:
+    """Map SLURM job id -> the rule of every Snakemake job it ran, from the plugin's per-job logs.
+
+    The plugin writes each SLURM job's output to ``.snakemake/slurm_logs/{rule_R|group_G}/.../<job id>.log``
+    (kept by ``slurm-keep-successful-logs``); inside it, Snakemake announces each job it runs as
+    ``localrule NAME:``. A group job lists several.
+    """
+    ran: dict[str, list[str]] = {}
+    for log in (workdir / ".snakemake" / "slurm_logs").rglob("*.log"):
+        if log.stem.isdigit():
+            ran[log.stem] = re.findall(r"^localrule (\w+):", log.read_text(), flags=re.MULTILINE)
+    return ran
 
 
 def gpu_request(sbatch_line: str) -> str | None:
@@ -207,13 +239,14 @@ def test_paper_dry_run_on_the_slurm_profile_submits_one_job_per_block_of_rounds(
 # ----- real SLURM --------------------------------------------------------------------------------------
 
 MECHANISM_SNAKEFILE = """
-# One CPU rule, then one GPU rule, named like the workflow's rules so the CI profile applies to them.
+# One CPU rule, then one GPU rule, named like ungrouped rules of the workflow so the CI profile applies
+# to them and each goes to SLURM as its own job.
 rule all:
     input: "results/gpu.txt"
 
-rule make_synthetic_site:
+rule evaluate_site:
     output: "results/cpu.txt"
-    log: "logs/make_synthetic_site.log"
+    log: "logs/evaluate_site.log"
     shell: "{ENV_TO_LOG} > {log}; touch {output}"
 
 rule pretrain:
@@ -248,18 +281,18 @@ def test_gpu_rule_is_submitted_with_a_gpu_and_cpu_rule_without(tmp_path: Path, s
     # Assert: the run finished, each rule went through sbatch once, GPU request only on the GPU rule.
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     calls = submissions(record)
-    assert set(calls) == {"make_synthetic_site", "pretrain"}
+    assert set(calls) == {"evaluate_site", "pretrain"}
     assert all(len(lines) == 1 for lines in calls.values())
     assert gpu_request(calls["pretrain"][0]) == "--gpus=ci:1"
     assert "--cpus-per-gpu=1" in calls["pretrain"][0]
-    assert gpu_request(calls["make_synthetic_site"][0]) is None
-    assert "--cpus-per-task=1" in calls["make_synthetic_site"][0]
+    assert gpu_request(calls["evaluate_site"][0]) is None
+    assert "--cpus-per-task=1" in calls["evaluate_site"][0]
     # Assert: each rule ran inside its own SLURM job; only the GPU job was granted a GPU.
     logged = {rule: (tmp_path / "logs" / f"{rule}.log").read_text() for rule in calls}
     job_ids = {rule: re.search(r"SLURM_JOB_ID=(\d+)", text).group(1) for rule, text in logged.items()}
-    assert len(set(job_ids.values())) == 2
+    assert sorted(job_ids.values()) == sorted(recorded_calls(record)), "job ids seen != ids sbatch gave"
     assert re.search(r"SLURM_STEP_GPUS=\S", logged["pretrain"])
-    assert re.search(r"SLURM_STEP_GPUS=\s", logged["make_synthetic_site"])
+    assert re.search(r"SLURM_STEP_GPUS=\s", logged["evaluate_site"])
     # Assert: the plugin kept each job's SLURM log under the job id the job saw.
     for rule, job_id in job_ids.items():
         assert (tmp_path / ".snakemake" / "slurm_logs" / f"rule_{rule}" / f"{job_id}.log").is_file()
@@ -277,9 +310,27 @@ def test_ci_workflow_target_runs_on_slurm(tmp_path: Path, slurm_cluster: None) -
     args += ["--configfile", str(REPO / "config.yaml"), str(REPO / "config" / "ci.yaml")]
     # Execute
     result = run_on_slurm(REPO, args, env)
-    # Assert
+    # Assert: the run finished and made the target.
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / CI_SLURM_TARGET).is_file()
-    for rule, lines in submissions(record).items():
-        for line in lines:
-            assert (gpu_request(line) is not None) == (rule in GPU_RULES), f"{rule}: {line[:300]}"
+    # Assert: every job of the DAG (data, training, federated, adaptation, prediction, evaluation) ran
+    # inside a SLURM job that this run submitted, as the plugin's per-job log under its job id shows.
+    planned = job_stats(result.stdout + result.stderr)
+    calls = recorded_calls(record)
+    ran = rules_run_per_slurm_job(tmp_path)
+    assert set(ran) == set(calls), f"SLURM logs {sorted(ran)} != submitted jobs {sorted(calls)}"
+    executed: dict[str, int] = {}
+    for rules in ran.values():
+        for rule in rules:
+            executed[rule] = executed.get(rule, 0) + 1
+    assert executed == {rule: n for rule, n in planned.items() if rule != "total"}
+    assert {"preprocess_case", "pretrain", "train_site_round", "adapt_model", "predict_site"} <= set(executed)
+    # Assert: the CI profile's groups took effect (fewer SLURM jobs than Snakemake jobs)...
+    assert len(calls) < planned["total"]
+    # ...and each SLURM job asked for a GPU exactly when the rules it ran are GPU rules.
+    for job_id, rules in ran.items():
+        assert rules, f"SLURM job {job_id} ran no rule"
+        kinds = {rule in GPU_RULES for rule in rules}
+        assert len(kinds) == 1, f"SLURM job {job_id} mixes GPU and CPU rules: {rules}"
+        wants_gpu = gpu_request(calls[job_id]) is not None
+        assert wants_gpu == kinds.pop(), f"job {job_id} ({sorted(set(rules))}): {calls[job_id][:300]}"

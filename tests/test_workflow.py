@@ -102,8 +102,8 @@ def test_blocks_of_rounds_give_the_per_round_federated_model(tiny_run: Path, tmp
     overlay.write_text("federated:\n  rounds_per_job: 2\n")
     target = "results/models/federated/V1/model.pt"
     # Execute
-    plan = dry_run_jobs(snakemake(work, "-n", target, extra_overlays=[overlay]).stdout)
-    snakemake(work, "--cores", "2", target, extra_overlays=[overlay])
+    plan = dry_run_jobs(snakemake(work, "-n", target, overlays=["config/ci.yaml", overlay]).stdout)
+    snakemake(work, "--cores", "2", target, overlays=["config/ci.yaml", overlay])
     # Assert: one block job ran both rounds, wrote every round's files and reached the same weights
     assert sorted(j["rule"] for j in plan) == ["finalise_federation", "run_round_block"]
     for r in (1, 2):

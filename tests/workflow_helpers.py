@@ -13,21 +13,25 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
+def snakemake_command(
+    workdir: Path, *args: str, overlays: Sequence[str | Path] = ("config/ci.yaml",)
+) -> list[str]:
+    """The snakemake command for ``workdir``: config.yaml plus ``overlays`` (repo-relative or absolute)."""
+    configs = [str(REPO / "config.yaml")] + [str(REPO / o) for o in overlays]
+    # Targets go before --configfile, which takes every following word as a file.
+    return [*SNAKEMAKE, *args, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", *configs]
+
+
 def snakemake(
     workdir: Path,
     *args: str,
-    overlay: str | None = "config/ci.yaml",
+    overlays: Sequence[str | Path] = ("config/ci.yaml",),
     timeout: float = 1800,
     check: bool = True,
-    extra_overlays: Sequence[Path] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run snakemake on the repository's Snakefile in ``workdir`` with the default config plus ``overlay``
-    (repository-relative) and ``extra_overlays`` (paths of the test's own)."""
-    configs = [str(REPO / "config.yaml")] + ([str(REPO / overlay)] if overlay else [])
-    configs += [str(p) for p in extra_overlays]
-    # Targets go before --configfile, which takes every following word as a file.
-    cmd = [*SNAKEMAKE, *args, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", *configs]
+    """Run snakemake on the repository's Snakefile in ``workdir`` with config.yaml plus ``overlays``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = snakemake_command(workdir, *args, overlays=overlays)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir.parent)
     if check and result.returncode != 0:
         raise AssertionError(
@@ -60,33 +64,6 @@ def dry_run_jobs(output: str) -> list[dict[str, object]]:
 
 
 # ------------------------------------------------------------------ fault injection (tests/test_faults.py)
-
-
-def snakemake_command(
-    workdir: Path, *args: str, overlays: list[str | Path] | tuple[str | Path, ...] = ()
-) -> list[str]:
-    """The snakemake command for ``workdir``: config.yaml plus ``overlays`` (repo-relative or absolute)."""
-    configs = [str(REPO / "config.yaml")] + [str(REPO / o) for o in overlays]
-    return [*SNAKEMAKE, *args, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", *configs]
-
-
-def snakemake_overlays(
-    workdir: Path,
-    *args: str,
-    overlays: list[str | Path],
-    timeout: float = 1800,
-    check: bool = True,
-) -> subprocess.CompletedProcess[str]:
-    """Like :func:`snakemake`, with several overlays (``REPO / overlay``, so absolute paths stay absolute)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = snakemake_command(workdir, *args, overlays=overlays)
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir.parent)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"snakemake failed ({result.returncode}): {' '.join(args)}\n"
-            f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
-        )
-    return result
 
 
 def processes_running(script: str, workdir: Path) -> list[int]:
