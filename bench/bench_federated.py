@@ -25,7 +25,9 @@ import pandas as pd
 import torch
 
 from fedpsmos.federated.fedavg import aggregate, check_states
-from fedpsmos.federated.rounds import LocalSettings, SiteRunner, global_model_path, init_global
+from fedpsmos.federated.paths import global_model_path
+from fedpsmos.federated.rounds import init_global
+from fedpsmos.federated.site_round import LocalSettings, RoundPlan, SiteRunner
 from fedpsmos.network import NetworkSpec, build_network, paper_network_spec
 from fedpsmos.organs import ORGANS, labelled_mask
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
@@ -136,10 +138,7 @@ def bench_round_overhead(tmp: Path, quick: bool, local_iterations: int) -> dict[
     kwargs = dict(
         global_path=global_model_path(setting, 0),
         round_index=1,
-        local_iterations=local_iterations,
-        seed=0,
-        attempts=1,
-        on_site_failure="fail",
+        plan=RoundPlan(local_iterations=local_iterations, seed=0, attempts=1, on_site_failure="fail"),
     )
     runner.run_round(out_site=tmp / "warm.pt", out_private=tmp / "warm_p.pt", **kwargs)  # warm-up
     runner.trainer_state = None
@@ -168,7 +167,7 @@ def bench_round_overhead(tmp: Path, quick: bool, local_iterations: int) -> dict[
         ),
         repeats,
     )
-    code = "import fedpsmos.federated.rounds, fedpsmos.training.trainer"
+    code = "import fedpsmos.federated.site_round, fedpsmos.training.trainer"
     start = _best(lambda: subprocess.run([sys.executable, "-c", code], check=True), repeats)
     # Rules: every (round, site) job and the aggregation job start a process; sites run in parallel, so a
     # round's critical path is one site job plus the aggregation job.

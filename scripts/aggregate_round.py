@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from fedpsmos.federated.rounds import aggregate_round
+from fedpsmos.federated.aggregation import aggregate_round
 
 
 def main(snakemake) -> None:

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from fedpsmos.federated.rounds import run_site_round_job
+from fedpsmos.federated.site_round import run_site_round_job
 
 
 def main(snakemake) -> None:

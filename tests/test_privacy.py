@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedpsmos.federated import rounds
+from fedpsmos.federated import aggregation, paths, rounds, site_round
 from fedpsmos.network import NetworkSpec, build_network
 from fedpsmos.training.checkpoint import load_checkpoint
 from tests.test_rounds import ITERS, LOSS, PATCH, SEED, TRAINING, make_m0, make_sites, run_rounds
@@ -65,7 +65,7 @@ def one_round(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     sites = make_sites(root)
     make_m0(root / "m0.pt")
     setting = root / "federated" / "V"
-    rounds.init_global(root / "m0.pt", rounds.global_model_path(setting, 0))
+    rounds.init_global(root / "m0.pt", paths.global_model_path(setting, 0))
     run_rounds(setting, sites, 1)
     return {"root": root, "sites": sites, "setting": setting}
 
@@ -73,10 +73,10 @@ def one_round(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_aggregator_files_hold_only_parameter_tensors(one_round: dict[str, Any]) -> None:
     # Prepare: the model the files must match, parameter for parameter
     setting = one_round["setting"]
-    spec = NetworkSpec.from_dict(load_checkpoint(rounds.global_model_path(setting, 0))["meta"]["network"])
+    spec = NetworkSpec.from_dict(load_checkpoint(paths.global_model_path(setting, 0))["meta"]["network"])
     reference = build_network(spec).state_dict()
-    files = [rounds.global_model_path(setting, 0)] + [
-        rounds.site_model_path(setting, 1, s) for s in ("site1", "site2")
+    files = [paths.global_model_path(setting, 0)] + [
+        paths.site_model_path(setting, 1, s) for s in ("site1", "site2")
     ]
     for path in files:
         # Execute
@@ -104,11 +104,11 @@ def test_aggregator_opens_only_round_models(
 ) -> None:
     # Prepare
     setting = one_round["setting"]
-    site_paths = [rounds.site_model_path(setting, 1, s) for s in ("site1", "site2")]
-    inputs = [rounds.global_model_path(setting, 0), *site_paths]
+    site_paths = [paths.site_model_path(setting, 1, s) for s in ("site1", "site2")]
+    inputs = [paths.global_model_path(setting, 0), *site_paths]
     # Execute
     with recording(monkeypatch) as opened:
-        rounds.aggregate_round(
+        aggregation.aggregate_round(
             previous_global=inputs[0],
             site_paths=site_paths,
             out_global=setting / "agg" / "global.pt",
@@ -119,8 +119,8 @@ def test_aggregator_opens_only_round_models(
     # Assert: reads exactly its inputs (plus its own temporary outputs), nothing private, no data
     read = {p for p in _resolved(opened) if p.parent != (setting / "agg").resolve()}
     assert read == {p.resolve() for p in inputs}
-    assert rounds.aggregator_input_violations(inputs) == []
-    assert rounds.aggregator_input_violations([rounds.private_state_path(setting, "site1", 1)]) != []
+    assert paths.aggregator_input_violations(inputs) == []
+    assert paths.aggregator_input_violations([paths.private_state_path(setting, "site1", 1)]) != []
 
 
 def test_site_round_opens_only_its_own_files(
@@ -132,14 +132,14 @@ def test_site_round_opens_only_its_own_files(
     # Execute
     root = one_round["root"]
     inputs = {
-        "global_path": rounds.global_model_path(setting, 1),
-        "private_in": rounds.private_state_path(setting, "site1", 1),
+        "global_path": paths.global_model_path(setting, 1),
+        "private_in": paths.private_state_path(setting, "site1", 1),
         "manifest": root / "data" / "site1" / "manifest.json",
         "cases": [str(p) for p in sites["site1"].npz_paths.values()],
         "patches": sites["site1"].patches,
     }
     with recording(monkeypatch) as opened:
-        rounds.run_site_round_job(  # the rule's entry point: plain paths and config values
+        site_round.run_site_round_job(  # the rule's entry point: plain paths and config values
             site="site1",
             loss_spec=LOSS,
             training=TRAINING,
@@ -160,10 +160,10 @@ def test_site_round_opens_only_its_own_files(
     # Assert: the hook saw the site's own data (so it works) and nothing of site2
     assert {p.resolve() for p in sites["site1"].npz_paths.values()} <= read
     assert sites["site1"].patches.resolve() in read
-    assert rounds.private_state_path(setting, "site1", 1).resolve() in read
-    assert rounds.site_input_violations([str(p) for p in ours], "site1", ["site1", "site2"]) == []
+    assert paths.private_state_path(setting, "site1", 1).resolve() in read
+    assert paths.site_input_violations([str(p) for p in ours], "site1", ["site1", "site2"]) == []
     flat = [inputs["global_path"], inputs["private_in"], inputs["manifest"], inputs["patches"]]
     flat += inputs["cases"]
-    assert rounds.site_input_violations(flat, "site1", ["site1", "site2"]) == []
-    assert rounds.site_input_violations(flat, "site2", ["site1", "site2"]) != []
+    assert paths.site_input_violations(flat, "site1", ["site1", "site2"]) == []
+    assert paths.site_input_violations(flat, "site2", ["site1", "site2"]) != []
     assert not [p for p in ours if "site2" in str(p.relative_to(root))]

@@ -1,4 +1,4 @@
-"""Federated rounds (fedpsmos.federated.rounds / blocks / curves) on a tiny network and tiny data."""
+"""Federated rounds (site_round, aggregation, blocks, curves) on a tiny network and tiny data."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fedpsmos.federated import blocks, curves, rounds
-from fedpsmos.federated.rounds import LocalSettings, RoundError
+from fedpsmos.federated import aggregation, blocks, curves, paths, rounds, site_round
+from fedpsmos.federated.rounds import RoundError
+from fedpsmos.federated.site_round import LocalSettings, RoundPlan
 from fedpsmos.network import NetworkSpec, build_network
 from fedpsmos.organs import ORGANS, labelled_mask
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
@@ -100,24 +101,21 @@ def run_rounds(setting: Path, sites: dict[str, SiteData], n_rounds: int, policy:
     """Per-round rules, called as functions."""
     for r in range(1, n_rounds + 1):
         for site, data in sites.items():
-            rounds.run_site_round(
-                global_path=rounds.global_model_path(setting, r - 1),
-                private_in=rounds.private_state_path(setting, site, r - 1) if r > 1 else "",
+            site_round.run_site_round(
+                global_path=paths.global_model_path(setting, r - 1),
+                private_in=paths.private_state_path(setting, site, r - 1) if r > 1 else "",
                 site_data=data,
                 local=local(),
-                local_iterations=ITERS,
+                plan=RoundPlan(local_iterations=ITERS, seed=SEED, attempts=1, on_site_failure=policy),
                 round_index=r,
-                seed=SEED,
-                attempts=1,
-                on_site_failure=policy,
-                out_site=rounds.site_model_path(setting, r, site),
-                out_private=rounds.private_state_path(setting, site, r),
+                out_site=paths.site_model_path(setting, r, site),
+                out_private=paths.private_state_path(setting, site, r),
             )
-        rounds.aggregate_round(
-            previous_global=rounds.global_model_path(setting, r - 1),
-            site_paths=[rounds.site_model_path(setting, r, s) for s in sites],
-            out_global=rounds.global_model_path(setting, r),
-            out_record=rounds.record_path(setting, r),
+        aggregation.aggregate_round(
+            previous_global=paths.global_model_path(setting, r - 1),
+            site_paths=[paths.site_model_path(setting, r, s) for s in sites],
+            out_global=paths.global_model_path(setting, r),
+            out_record=paths.record_path(setting, r),
             round_index=r,
             policy=policy,
         )
@@ -130,7 +128,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     sites = make_sites(root)
     m0 = make_m0(root / "m0.pt")
     setting = root / "federated" / "V"
-    rounds.init_global(root / "m0.pt", rounds.global_model_path(setting, 0))
+    rounds.init_global(root / "m0.pt", paths.global_model_path(setting, 0))
     run_rounds(setting, sites, 3)
     return {"root": root, "sites": sites, "m0": m0, "setting": setting}
 
@@ -152,7 +150,7 @@ def test_rounds_equal_fedavg_by_hand(federation: dict[str, Any]) -> None:
                 sites=[data],
                 loss_spec=LOSS,
                 settings=settings,
-                seed=rounds.round_seed(SEED, site, r),
+                seed=site_round.round_seed(SEED, site, r),
                 device="cpu",
                 patch_size=PATCH,
             )
@@ -166,7 +164,7 @@ def test_rounds_equal_fedavg_by_hand(federation: dict[str, Any]) -> None:
             for k, v in weights.items()
         }
     # Assert: bit-identical on the CPU, and the model moved away from M0
-    final = load_checkpoint(rounds.global_model_path(setting, 3))["model"]
+    final = load_checkpoint(paths.global_model_path(setting, 3))["model"]
     assert list(final) == list(weights)
     for key in weights:
         torch.testing.assert_close(final[key], weights[key], rtol=0, atol=0, msg=key)
@@ -177,11 +175,11 @@ def test_round_files_and_record(federation: dict[str, Any]) -> None:
     # Prepare
     setting = federation["setting"]
     # Execute
-    record = json.loads(rounds.record_path(setting, 2).read_text())
-    glob = load_checkpoint(rounds.global_model_path(setting, 2))["meta"]
-    site = load_checkpoint(rounds.site_model_path(setting, 2, "site1"))["meta"]
+    record = json.loads(paths.record_path(setting, 2).read_text())
+    glob = load_checkpoint(paths.global_model_path(setting, 2))["meta"]
+    site = load_checkpoint(paths.site_model_path(setting, 2, "site1"))["meta"]
     decays = [
-        load_checkpoint(rounds.private_state_path(setting, "site1", r))["trainer"]["scheduler"]["decays"]
+        load_checkpoint(paths.private_state_path(setting, "site1", r))["trainer"]["scheduler"]["decays"]
         for r in (1, 2, 3)
     ]
     # Assert
@@ -201,10 +199,10 @@ def test_round_files_and_record(federation: dict[str, Any]) -> None:
 def test_finalise_writes_model_and_curves(federation: dict[str, Any], tmp_path: Path) -> None:
     # Prepare
     setting = federation["setting"]
-    records = [rounds.record_path(setting, r) for r in (3, 1, 2)]
+    records = [paths.record_path(setting, r) for r in (3, 1, 2)]
     # Execute
     curves.finalise_federation(
-        last_global=rounds.global_model_path(setting, 3),
+        last_global=paths.global_model_path(setting, 3),
         records=records,
         out_model=tmp_path / "model.pt",
         out_curve_csv=tmp_path / "curve.csv",
@@ -221,7 +219,7 @@ def test_finalise_writes_model_and_curves(federation: dict[str, Any], tmp_path: 
     assert (tmp_path / "curve.png").stat().st_size > 0
     with pytest.raises(ValueError, match="records cover rounds"):
         curves.finalise_federation(
-            last_global=rounds.global_model_path(setting, 3),
+            last_global=paths.global_model_path(setting, 3),
             records=records[:2],
             out_model=tmp_path / "m.pt",
             out_curve_csv=tmp_path / "c.csv",
@@ -233,31 +231,28 @@ def test_block_equals_rules_and_resumes(federation: dict[str, Any], tmp_path: Pa
     # Prepare: a block over the same three rounds, from the same M0
     sites, rules = federation["sites"], federation["setting"]
     setting = tmp_path / "block"
-    rounds.init_global(federation["root"] / "m0.pt", rounds.global_model_path(setting, 0))
+    rounds.init_global(federation["root"] / "m0.pt", paths.global_model_path(setting, 0))
     kwargs = dict(
         setting_dir=setting,
         first_round=1,
         last_round=3,
         sites=list(sites.values()),
         local=local(),
-        local_iterations=ITERS,
-        seed=SEED,
-        attempts=1,
-        on_site_failure="fail",
+        plan=RoundPlan(local_iterations=ITERS, seed=SEED, attempts=1, on_site_failure="fail"),
     )
     # Execute: the whole block; then "kill" it in round 3 (aggregate missing, a site file half-written,
     # round 3's private state already written) and run it again
     blocks.run_block(**kwargs)
-    uninterrupted = load_checkpoint(rounds.global_model_path(setting, 3))["model"]
-    rounds.global_model_path(setting, 3).unlink()
-    rounds.record_path(setting, 3).unlink()
-    site_file = rounds.site_model_path(setting, 3, "site1")
+    uninterrupted = load_checkpoint(paths.global_model_path(setting, 3))["model"]
+    paths.global_model_path(setting, 3).unlink()
+    paths.record_path(setting, 3).unlink()
+    site_file = paths.site_model_path(setting, 3, "site1")
     site_file.write_bytes(site_file.read_bytes()[:100])
-    before = {p: p.stat().st_mtime_ns for r in (1, 2) for p in rounds.round_dir(setting, r).iterdir()}
+    before = {p: p.stat().st_mtime_ns for r in (1, 2) for p in paths.round_dir(setting, r).iterdir()}
     records = blocks.run_block(**kwargs)
-    resumed = load_checkpoint(rounds.global_model_path(setting, 3))["model"]
+    resumed = load_checkpoint(paths.global_model_path(setting, 3))["model"]
     # Assert: rules, block and resumed block agree bit for bit; rounds 1-2 were not redone
-    by_rules = load_checkpoint(rounds.global_model_path(rules, 3))["model"]
+    by_rules = load_checkpoint(paths.global_model_path(rules, 3))["model"]
     for key in by_rules:
         assert torch.equal(uninterrupted[key], by_rules[key]), key
         assert torch.equal(resumed[key], by_rules[key]), key
@@ -269,7 +264,7 @@ def test_block_equals_rules_and_resumes(federation: dict[str, Any], tmp_path: Pa
 def _site_file(
     setting: Path, site: str, state: dict[str, torch.Tensor], *, n: int = 2, failed: bool = False
 ) -> Path:
-    path = rounds.site_model_path(setting, 1, site)
+    path = paths.site_model_path(setting, 1, site)
     meta = {"site": site, "round": 1, "n_cases": n, "local_iterations": 1, "mean_loss": 0.5, "val_dice": {}}
     save_checkpoint(path, {"model": state, "meta": {**meta, "failed": failed}})
     return path
@@ -306,22 +301,22 @@ def test_aggregator_refusals_name_site_and_round(tmp_path: Path, how: str, messa
     # Prepare
     setting = tmp_path / "fed"
     m0 = make_m0(tmp_path / "m0.pt")
-    rounds.init_global(tmp_path / "m0.pt", rounds.global_model_path(setting, 0))
+    rounds.init_global(tmp_path / "m0.pt", paths.global_model_path(setting, 0))
     good = _site_file(setting, "site1", m0)
     bad = _site_file(setting, "site2", m0 if how == "truncated" else _corrupt(m0, how))
     if how == "truncated":
         bad.write_bytes(bad.read_bytes()[:-200])
     # Execute / Assert
     with pytest.raises(RoundError, match=f"round 1, site site2: .*{message}"):
-        rounds.aggregate_round(
-            previous_global=rounds.global_model_path(setting, 0),
+        aggregation.aggregate_round(
+            previous_global=paths.global_model_path(setting, 0),
             site_paths=[good, bad],
-            out_global=rounds.global_model_path(setting, 1),
-            out_record=rounds.record_path(setting, 1),
+            out_global=paths.global_model_path(setting, 1),
+            out_record=paths.record_path(setting, 1),
             round_index=1,
             policy="skip",
         )
-    assert not rounds.global_model_path(setting, 1).exists()
+    assert not paths.global_model_path(setting, 1).exists()
 
 
 def test_skip_policy_renormalises_and_fail_policy_raises(tmp_path: Path) -> None:
@@ -329,24 +324,21 @@ def test_skip_policy_renormalises_and_fail_policy_raises(tmp_path: Path) -> None
     sites = make_sites(tmp_path)
     make_m0(tmp_path / "m0.pt")
     setting = tmp_path / "fed"
-    rounds.init_global(tmp_path / "m0.pt", rounds.global_model_path(setting, 0))
+    rounds.init_global(tmp_path / "m0.pt", paths.global_model_path(setting, 0))
     for path in sites["site2"].npz_paths.values():
         path.write_bytes(b"not an npz")
     common = dict(
-        global_path=rounds.global_model_path(setting, 0),
+        global_path=paths.global_model_path(setting, 0),
         private_in="",
         local=local(),
-        local_iterations=ITERS,
         round_index=1,
-        seed=SEED,
-        attempts=2,
     )
-    site_paths = [rounds.site_model_path(setting, 1, s) for s in sites]
+    site_paths = [paths.site_model_path(setting, 1, s) for s in sites]
     # Execute / Assert: fail policy: the site round raises
     with pytest.raises(RoundError, match="site site2 round 1: all 2 attempt"):
-        rounds.run_site_round(
+        site_round.run_site_round(
             site_data=sites["site2"],
-            on_site_failure="fail",
+            plan=RoundPlan(local_iterations=ITERS, seed=SEED, attempts=2, on_site_failure="fail"),
             out_site=site_paths[1],
             out_private=tmp_path / "p.pt",
             **common,
@@ -354,39 +346,39 @@ def test_skip_policy_renormalises_and_fail_policy_raises(tmp_path: Path) -> None
     assert not site_paths[1].exists()
     # Execute: skip policy
     for site, data in sites.items():
-        rounds.run_site_round(
+        site_round.run_site_round(
             site_data=data,
-            on_site_failure="skip",
-            out_site=rounds.site_model_path(setting, 1, site),
-            out_private=rounds.private_state_path(setting, site, 1),
+            plan=RoundPlan(local_iterations=ITERS, seed=SEED, attempts=2, on_site_failure="skip"),
+            out_site=paths.site_model_path(setting, 1, site),
+            out_private=paths.private_state_path(setting, site, 1),
             **common,
         )
     agg = dict(
-        previous_global=rounds.global_model_path(setting, 0),
+        previous_global=paths.global_model_path(setting, 0),
         site_paths=site_paths,
-        out_global=rounds.global_model_path(setting, 1),
-        out_record=rounds.record_path(setting, 1),
+        out_global=paths.global_model_path(setting, 1),
+        out_record=paths.record_path(setting, 1),
         round_index=1,
     )
     # Assert: the failed site's file holds the incoming weights, only parameter tensors, marked failed
     failed = load_checkpoint(site_paths[1])
-    incoming = load_checkpoint(rounds.global_model_path(setting, 0))["model"]
+    incoming = load_checkpoint(paths.global_model_path(setting, 0))["model"]
     assert failed["meta"]["failed"] is True and failed["meta"]["mean_loss"] is None
     assert isinstance(failed["meta"]["error"], str) and failed["meta"]["error"]
     assert all(torch.equal(failed["model"][k], incoming[k]) for k in incoming)
     # ... the fail-policy aggregator refuses it, the skip-policy one drops it and renormalises
     with pytest.raises(RoundError, match=r"round 1: site\(s\) \['site2'\] failed"):
-        rounds.aggregate_round(policy="fail", **agg)
-    record = rounds.aggregate_round(policy="skip", **agg)
+        aggregation.aggregate_round(policy="fail", **agg)
+    record = aggregation.aggregate_round(policy="skip", **agg)
     assert record["sites"] == ["site1"] and record["failed"] == ["site2"] and record["renormalised"]
     assert record["weights"] == {"site1": 1.0} and record["losses"]["site2"] is None
-    glob = load_checkpoint(rounds.global_model_path(setting, 1))["model"]
+    glob = load_checkpoint(paths.global_model_path(setting, 1))["model"]
     site1 = load_checkpoint(site_paths[0])["model"]
     assert all(torch.equal(glob[k], site1[k]) for k in glob)
     # ... and with every site failed there is nothing to aggregate
     _site_file(setting, "site1", incoming, failed=True)
     with pytest.raises(RoundError, match="every site failed"):
-        rounds.aggregate_round(policy="skip", **agg)
+        aggregation.aggregate_round(policy="skip", **agg)
 
 
 def test_retry_starts_from_the_same_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -394,11 +386,11 @@ def test_retry_starts_from_the_same_state(tmp_path: Path, monkeypatch: pytest.Mo
     sites = make_sites(tmp_path)
     make_m0(tmp_path / "m0.pt")
     setting = tmp_path / "fed"
-    rounds.init_global(tmp_path / "m0.pt", rounds.global_model_path(setting, 0))
-    real = rounds.SiteRunner._train
+    rounds.init_global(tmp_path / "m0.pt", paths.global_model_path(setting, 0))
+    real = site_round.SiteRunner._train
     calls = []
 
-    def flaky(self: rounds.SiteRunner, *args: Any) -> Any:
+    def flaky(self: site_round.SiteRunner, *args: Any) -> Any:
         calls.append(1)
         result = real(self, *args)
         if len(calls) == 1:
@@ -406,23 +398,20 @@ def test_retry_starts_from_the_same_state(tmp_path: Path, monkeypatch: pytest.Mo
         return result
 
     def once(out: Path, private: Path) -> dict[str, Any]:
-        return rounds.run_site_round(
-            global_path=rounds.global_model_path(setting, 0),
+        return site_round.run_site_round(
+            global_path=paths.global_model_path(setting, 0),
             private_in=None,
             site_data=sites["site1"],
             local=local(),
-            local_iterations=ITERS,
+            plan=RoundPlan(local_iterations=ITERS, seed=SEED, attempts=2, on_site_failure="fail"),
             round_index=1,
-            seed=SEED,
-            attempts=2,
-            on_site_failure="fail",
             out_site=out,
             out_private=private,
         )
 
     # Execute
     clean = once(tmp_path / "clean.pt", tmp_path / "clean_p.pt")
-    monkeypatch.setattr(rounds.SiteRunner, "_train", flaky)
+    monkeypatch.setattr(site_round.SiteRunner, "_train", flaky)
     retried = once(tmp_path / "retry.pt", tmp_path / "retry_p.pt")
     # Assert
     assert clean["attempts"] == 1 and retried["attempts"] == 2 and len(calls) == 2
@@ -436,16 +425,16 @@ def test_site_data_from_files_checks_the_split(tmp_path: Path) -> None:
     manifest = tmp_path / "data" / "site1" / "manifest.json"
     cases = list(sites["site1"].npz_paths.values())
     # Execute
-    data = rounds.site_data_from_files("site1", manifest, cases, sites["site1"].patches)
+    data = site_round.site_data_from_files("site1", manifest, cases, sites["site1"].patches)
     # Assert
     assert data.site == "site1" and set(data.npz_paths) == {"site1_000", "site1_001"}
     with pytest.raises(RoundError, match="missing"):
-        rounds.site_data_from_files("site1", manifest, cases[:1], sites["site1"].patches)
+        site_round.site_data_from_files("site1", manifest, cases[:1], sites["site1"].patches)
     with pytest.raises(RoundError, match="expected 'site2'"):
-        rounds.site_data_from_files("site2", manifest, cases, sites["site1"].patches)
+        site_round.site_data_from_files("site2", manifest, cases, sites["site1"].patches)
 
 
 def test_round_seed_is_stable_and_distinct() -> None:
-    seeds = {rounds.round_seed(0, s, r) for s in ("site1", "site2") for r in range(50)}
+    seeds = {site_round.round_seed(0, s, r) for s in ("site1", "site2") for r in range(50)}
     assert len(seeds) == 100
-    assert rounds.round_seed(0, "site1", 1) == rounds.round_seed(0, "site1", 1)
+    assert site_round.round_seed(0, "site1", 1) == site_round.round_seed(0, "site1", 1)

@@ -5,7 +5,7 @@ config runs blocks of rounds per cluster job. A block keeps the per-round contra
 :mod:`fedpsmos.federated.rounds` exactly: every round still writes ``round_{r}/{site}.pt``,
 ``private/{site}/round_{r}.pt``, ``round_{r}/global.pt`` and ``round_{r}/record.json``, the site files are
 written by the site's worker, and the coordinator reads them with
-:func:`~fedpsmos.federated.rounds.aggregate_round`, the function the per-round aggregation rule calls.
+:func:`~fedpsmos.federated.aggregation.aggregate_round`, the function the per-round aggregation rule calls.
 
 The privacy boundary is the process boundary: each worker (``spawn`` context, so nothing is inherited from
 the coordinator's memory) is given only its own site's ``SiteData`` and reads only its own files and the
@@ -14,8 +14,8 @@ global model. It keeps its trainer state in memory between rounds and writes it 
 
 Resume: a block restarts from the first round in ``first..last`` that is not complete (all of its files
 exist and verify), reloading each site's private state of the round before. Since every local round's
-randomness is seeded by ``(seed, site, round)`` (rounds.py), a resumed block and the per-round rules compute
-the same weights as an uninterrupted block (CPU, same thread count).
+randomness is seeded by ``(seed, site, round)`` (site_round.py), a resumed block and the per-round rules
+compute the same weights as an uninterrupted block (CPU, same thread count).
 """
 
 from __future__ import annotations
@@ -31,17 +31,15 @@ from typing import Any
 
 import torch
 
-from fedpsmos.federated.rounds import (
+from fedpsmos.federated.aggregation import aggregate_round
+from fedpsmos.federated.paths import global_model_path, private_state_path, record_path, site_model_path
+from fedpsmos.federated.rounds import RoundError
+from fedpsmos.federated.site_round import (
     LocalSettings,
-    RoundError,
+    RoundPlan,
     SiteRunner,
-    aggregate_round,
-    global_model_path,
     local_settings,
-    private_state_path,
-    record_path,
     site_data_from_files,
-    site_model_path,
 )
 from fedpsmos.training.checkpoint import CheckpointError, load_checkpoint
 from fedpsmos.training.sampler import SiteData
@@ -120,10 +118,7 @@ def run_block(
     last_round: int,
     sites: Sequence[SiteData],
     local: LocalSettings,
-    local_iterations: int,
-    seed: int,
-    attempts: int,
-    on_site_failure: str,
+    plan: RoundPlan,
     threads_per_worker: int = 1,
 ) -> list[dict[str, Any]]:
     """Run rounds ``first..last`` in one job, resuming after the last complete round; return their records.
@@ -139,8 +134,8 @@ def run_block(
         One :class:`~fedpsmos.training.sampler.SiteData` per site; worker ``i`` receives ``sites[i]`` only.
     local:
         Loss, training settings, patch size and device (``cpu``, ``cuda`` = one GPU per worker round-robin).
-    local_iterations, seed, attempts, on_site_failure:
-        As for :func:`~fedpsmos.federated.rounds.run_site_round`.
+    plan:
+        Local iterations, seed, attempts, failure policy (:class:`~fedpsmos.federated.site_round.RoundPlan`).
     threads_per_worker:
         ``torch.set_num_threads`` in each worker (CPU runs).
     """
@@ -160,18 +155,7 @@ def run_block(
             start,
         )
     if start <= last_round:
-        _run_rounds(
-            setting_dir,
-            start,
-            last_round,
-            sites,
-            local,
-            local_iterations,
-            seed,
-            attempts,
-            on_site_failure,
-            threads_per_worker,
-        )
+        _run_rounds(setting_dir, start, last_round, sites, local, plan, threads_per_worker)
     return [json.loads(record_path(setting_dir, r).read_text()) for r in range(first_round, last_round + 1)]
 
 
@@ -210,7 +194,7 @@ def run_block_job(
     first_round, last_round, local_iterations, seed, attempts, on_site_failure:
         See :func:`run_block`.
     loss_spec, training, patch_size, device:
-        See :func:`~fedpsmos.federated.rounds.local_settings`.
+        See :func:`~fedpsmos.federated.site_round.local_settings`.
     threads_per_worker:
         Torch threads per site worker.
     """
@@ -228,17 +212,15 @@ def run_block_job(
         site_data_from_files(site, manifest, by_site[site], index)
         for site, manifest, index in zip(sites, manifests, patches, strict=True)
     ]
-    local = local_settings(loss_spec=loss_spec, training=training, patch_size=patch_size, device=device)
     return run_block(
         setting_dir=previous_global.parent.parent,
         first_round=first_round,
         last_round=last_round,
         sites=data,
-        local=local,
-        local_iterations=local_iterations,
-        seed=seed,
-        attempts=attempts,
-        on_site_failure=on_site_failure,
+        local=local_settings(loss_spec=loss_spec, training=training, patch_size=patch_size, device=device),
+        plan=RoundPlan(
+            local_iterations=local_iterations, seed=seed, attempts=attempts, on_site_failure=on_site_failure
+        ),
         threads_per_worker=threads_per_worker,
     )
 
@@ -249,10 +231,7 @@ def _run_rounds(
     last_round: int,
     sites: Sequence[SiteData],
     local: LocalSettings,
-    local_iterations: int,
-    seed: int,
-    attempts: int,
-    on_site_failure: str,
+    plan: RoundPlan,
     threads_per_worker: int,
 ) -> None:
     devices = worker_devices(local.device, len(sites))
@@ -284,10 +263,7 @@ def _run_rounds(
                     {
                         "global_path": global_model_path(setting_dir, r - 1),
                         "round_index": r,
-                        "local_iterations": local_iterations,
-                        "seed": seed,
-                        "attempts": attempts,
-                        "on_site_failure": on_site_failure,
+                        "plan": plan,
                         "out_site": site_model_path(setting_dir, r, site),
                         "out_private": private_state_path(setting_dir, site, r),
                     }
@@ -308,7 +284,7 @@ def _run_rounds(
                 out_global=global_model_path(setting_dir, r),
                 out_record=record_path(setting_dir, r),
                 round_index=r,
-                policy=on_site_failure,
+                policy=plan.on_site_failure,
             )
             log.info("round %d aggregated over %d site(s)", r, len(workers))
     finally:

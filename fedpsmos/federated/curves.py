@@ -1,7 +1,7 @@
 """Per-round curves of a federation and its final model file.
 
 The round records (``round_{r}/record.json``) hold, per site, the mean local training loss of the round and
-the validation Dice of the incoming global model on the site's own fixed patch subset (rounds.py). This
+the validation Dice of the incoming global model on the site's own fixed patch subset (site_round.py). This
 module turns them into one long CSV (``round, site, loss, organ, val_dice``; one row per site and organ,
 ``organ`` empty when a site reported no Dice) and a two-panel PNG, and writes the federated model file: the
 last global weights with ``meta.kind = "federated"`` (docs/architecture.md, "Models").

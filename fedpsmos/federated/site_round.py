@@ -1,0 +1,483 @@
+"""A site's side of a federated round: local training from the global model, on its own data only (Alg. 1).
+
+Round ``r`` at site ``k``: load ``round_{r-1}/global.pt`` and the site's private trainer state, score the
+incoming model on a fixed subset of the site's own patches (:func:`validation_dice`), train
+``local_iterations`` iterations seeded by :func:`round_seed` ``(seed, site, r)``, and write
+``round_{r}/{site}.pt`` (weights and scalar metadata) and ``private/{site}/round_{r}.pt`` (optimiser and
+plateau schedule; never read by the aggregator). A site gets ``attempts`` tries from the same starting state;
+the fault policy and the other open choices are in :mod:`fedpsmos.federated.rounds` and docs/federated.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from fedpsmos.federated.rounds import POLICIES, RoundError, load_global
+from fedpsmos.organs import CLASS_INDEX
+from fedpsmos.training.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    model_state_to_cpu,
+    save_checkpoint,
+)
+from fedpsmos.training.sampler import SiteData, crop_patch
+
+log = logging.getLogger(__name__)
+
+
+def round_seed(seed: int, site: str, round_index: int) -> int:
+    """Seed of one site's local round, a stable hash of ``(seed, site, round)`` (not Python's ``hash``).
+
+    Parameters
+    ----------
+    seed:
+        The experiment's seed.
+    site:
+        Site name.
+    round_index:
+        Round number (0 is used for the site's fixed validation subset).
+    """
+    digest = hashlib.sha256(f"fedpsmos:{seed}:{site}:{round_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass
+class LocalSettings:
+    """How a site trains in a round: everything the Trainer needs except the data and the seed.
+
+    ``settings`` is a :class:`fedpsmos.training.trainer.TrainSettings`; ``loss_spec`` is what
+    :func:`fedpsmos.losses.build_loss` takes.
+    """
+
+    loss_spec: Any
+    settings: Any
+    patch_size: tuple[int, int, int]
+    device: str = "cpu"
+    val_patches: int = 2
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """How every site trains in every round of a federation: the same for all rounds (paper Alg. 1, Table 5).
+
+    ``local_iterations`` is the paper's 50 (Table 5: 25/50/100); a round's seed is :func:`round_seed`
+    ``(seed, site, r)``; ``attempts`` in-process tries from the same starting state (>= 1);
+    ``on_site_failure`` is ``fail`` (raise) or ``skip`` (write the incoming weights marked failed).
+    """
+
+    local_iterations: int
+    seed: int
+    attempts: int
+    on_site_failure: str
+
+
+@dataclass
+class SiteRunner:
+    """One site's side of the federation: its data, its model object and its private trainer state.
+
+    A per-round rule builds one, loads the private state from file and runs one round; a block worker keeps
+    one alive across rounds (the state stays in memory and is also written every round).
+    """
+
+    site_data: SiteData  # this site's data and nothing else
+    local: LocalSettings
+    trainer_state: dict[str, Any] | None = None
+    _model: torch.nn.Module | None = field(default=None, repr=False)
+    _network: Any = field(default=None, repr=False)
+
+    @property
+    def site(self) -> str:
+        """This site's name."""
+        return str(self.site_data.site)
+
+    @property
+    def n_cases(self) -> int:
+        """FedAvg weight numerator ``n_k``: this site's training cases."""
+        return len(self.site_data.npz_paths)
+
+    def load_private(self, private_in: str | Path | None) -> None:
+        """Restore the trainer state from ``private_in`` (``None`` or ``""``: a fresh trainer, round 1)."""
+        if private_in is None or str(private_in) == "":
+            self.trainer_state = None
+            return
+        payload = load_checkpoint(private_in)
+        site = payload.get("meta", {}).get("site")
+        if site != self.site:
+            raise RoundError(f"{private_in}: private state of site {site!r}, expected {self.site!r}")
+        self.trainer_state = payload.get("trainer") or None
+
+    def run_round(
+        self,
+        *,
+        global_path: str | Path,
+        round_index: int,
+        plan: RoundPlan,
+        out_site: str | Path,
+        out_private: str | Path,
+    ) -> dict[str, Any]:
+        """Train this site for one round from the global model and write its two files; return its meta.
+
+        Parameters
+        ----------
+        global_path:
+            ``round_{r-1}/global.pt``.
+        round_index:
+            ``r`` (>= 1).
+        plan:
+            Local iterations, seed, attempts and failure policy (:class:`RoundPlan`).
+        out_site, out_private:
+            ``round_{r}/{site}.pt`` and ``private/{site}/round_{r}.pt``.
+        """
+        local_iterations, attempts, on_site_failure = (
+            plan.local_iterations,
+            plan.attempts,
+            plan.on_site_failure,
+        )
+        if on_site_failure not in POLICIES:
+            raise ValueError(f"on_site_failure must be one of {POLICIES}, got {on_site_failure!r}")
+        if attempts < 1 or local_iterations < 1 or round_index < 1:
+            raise ValueError(f"attempts, local_iterations and round must be >= 1 (site {self.site})")
+        global_weights, in_meta = load_global(global_path, round_index)
+        if not isinstance(in_meta.get("network"), Mapping):
+            raise RoundError(f"{global_path}: meta has no 'network' spec")
+        model = self._model_for(in_meta["network"])
+        error: BaseException | None = None
+        result = None
+        used = 0
+        for used in range(1, attempts + 1):
+            try:  # every attempt starts from the same global weights and private state
+                result = self._train(model, global_weights, round_index, local_iterations, plan.seed)
+                break
+            except Exception as exc:  # any failure of local training is a site failure (fault policy)
+                error = exc
+                log.warning(
+                    "site %s round %d attempt %d/%d failed: %r", self.site, round_index, used, attempts, exc
+                )
+        if result is None:
+            if on_site_failure == "fail":
+                raise RoundError(
+                    f"site {self.site} round {round_index}: all {attempts} attempt(s) failed: {error!r}"
+                ) from error
+            log.error(
+                "site %s round %d skipped after %d attempt(s): %r", self.site, round_index, attempts, error
+            )
+            weights, state = global_weights, self.trainer_state
+            mean_loss: float | None = None
+            val_dice: dict[str, float] = {}
+        else:
+            weights, state, mean_loss, val_dice = result
+        meta = {
+            "kind": "federated_site",
+            "site": self.site,
+            "round": round_index,
+            "n_cases": self.n_cases,
+            "local_iterations": int(local_iterations),
+            "mean_loss": mean_loss,
+            "val_dice": val_dice,
+            "failed": result is None,
+            "attempts": used,
+            # Only the exception's type leaves the site: its message may name the site's case files.
+            "error": type(error).__name__ if result is None else None,
+        }
+        save_checkpoint(out_site, {"model": weights, "meta": meta})
+        private_meta = {"site": self.site, "round": round_index, "failed": result is None}
+        # "model" stays empty: a private state holds the optimiser and schedule, never weights.
+        trainer = state if state is not None else {}
+        save_checkpoint(out_private, {"model": {}, "trainer": trainer, "meta": private_meta})
+        self.trainer_state = state
+        return meta
+
+    def _model_for(self, network: Mapping[str, Any]) -> torch.nn.Module:
+        # Built once per runner: a block worker reuses it across rounds, the weights are reloaded each round.
+        if self._model is None or self._network != dict(network):
+            from fedpsmos.network import NetworkSpec, build_network
+
+            self._model = build_network(NetworkSpec.from_dict(dict(network))).to(self.local.device)
+            self._network = dict(network)
+        return self._model
+
+    def _train(
+        self,
+        model: torch.nn.Module,
+        global_weights: Mapping[str, Tensor],
+        round_index: int,
+        local_iterations: int,
+        seed: int,
+    ) -> tuple[dict[str, Tensor], dict[str, Any], float, dict[str, float]]:
+        from fedpsmos.training.trainer import Trainer
+
+        load_model_state(model, global_weights, source=f"global model of round {round_index - 1}")
+        val_dice = validation_dice(
+            model,
+            patches=self.site_data.patches,
+            npz_paths=self.site_data.npz_paths,
+            patch_size=self.local.patch_size,
+            per_organ=self.local.val_patches,
+            seed=round_seed(seed, self.site, 0),
+            device=self.local.device,
+        )
+        seed_r = round_seed(seed, self.site, round_index)
+        trainer = Trainer(
+            model=model,
+            sites=[self.site_data],
+            loss_spec=self.local.loss_spec,
+            settings=self.local.settings,
+            seed=seed_r,
+            device=self.local.device,
+            patch_size=self.local.patch_size,
+        )
+        if self.trainer_state:
+            # The rng comes from the (site, round) seed, not from history: see the module docstring.
+            trainer.load_state_dict({k: v for k, v in self.trainer_state.items() if k != "rng"})
+        with torch.random.fork_rng(devices=[]):  # whatever draws from torch's generator draws from seed_r
+            torch.manual_seed(seed_r)
+            mean_loss = float(trainer.train_iterations(local_iterations))
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"site {self.site} round {round_index}: local loss is {mean_loss}")
+        trainer.end_epoch(mean_loss)  # one plateau step per round (module docstring)
+        weights = model_state_to_cpu(model.state_dict())
+        return weights, trainer.state_dict(), mean_loss, val_dice
+
+
+def run_site_round(
+    *,
+    global_path: str | Path,
+    private_in: str | Path | None,
+    site_data: SiteData,
+    local: LocalSettings,
+    plan: RoundPlan,
+    round_index: int,
+    out_site: str | Path,
+    out_private: str | Path,
+) -> dict[str, Any]:
+    """Run one site's local round (the per-(round, site) rule); return the site meta written.
+
+    Parameters
+    ----------
+    global_path:
+        ``round_{r-1}/global.pt``; its meta carries the network spec.
+    private_in:
+        ``private/{site}/round_{r-1}.pt``, or ``None``/``""`` in round 1.
+    site_data:
+        This site's :class:`~fedpsmos.training.sampler.SiteData` (its own files only).
+    local:
+        Loss, training settings, patch size, device, validation patches.
+    plan, round_index, out_site, out_private:
+        See :meth:`SiteRunner.run_round`.
+    """
+    runner = SiteRunner(site_data=site_data, local=local)
+    runner.load_private(private_in)
+    return runner.run_round(
+        global_path=global_path,
+        round_index=round_index,
+        plan=plan,
+        out_site=out_site,
+        out_private=out_private,
+    )
+
+
+def run_site_round_job(
+    *,
+    global_path: str | Path,
+    private_in: str | Path | None,
+    site: str,
+    manifest: str | Path,
+    cases: Sequence[str | Path],
+    patches: str | Path,
+    loss_spec: Any,
+    training: Mapping[str, Any],
+    patch_size: Sequence[int],
+    local_iterations: int,
+    round_index: int,
+    seed: int,
+    attempts: int,
+    on_site_failure: str,
+    out_site: str | Path,
+    out_private: str | Path,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """The per-(round, site) rule's entry point: plain rule inputs and params -> :func:`run_site_round`.
+
+    Parameters
+    ----------
+    global_path, private_in, local_iterations, round_index, seed, attempts, on_site_failure:
+        See :func:`run_site_round` (``private_in`` ``""`` in round 1).
+    out_site, out_private:
+        See :func:`run_site_round`.
+    site, manifest, cases, patches:
+        See :func:`site_data_from_files`.
+    loss_spec, training, patch_size, device:
+        See :func:`local_settings`.
+    """
+    plan = RoundPlan(
+        local_iterations=local_iterations, seed=seed, attempts=attempts, on_site_failure=on_site_failure
+    )
+    return run_site_round(
+        global_path=global_path,
+        private_in=private_in,
+        site_data=site_data_from_files(site, manifest, cases, patches),
+        local=local_settings(loss_spec=loss_spec, training=training, patch_size=patch_size, device=device),
+        plan=plan,
+        round_index=round_index,
+        out_site=out_site,
+        out_private=out_private,
+    )
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu`` (rules pass no device; the hardware decides)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def site_data_from_files(
+    site: str, manifest: str | Path, cases: Sequence[str | Path], patches: str | Path
+) -> SiteData:
+    """A site's :class:`SiteData` from the files a rule was given: its manifest, ``.npz`` cases and index.
+
+    The rule may hand over every preprocessed case of the site (the split is only known once the manifest
+    exists); only the manifest's ``train`` cases are used, and every one of them must be there, so a rule can
+    neither train on test cases nor silently miss some.
+
+    Parameters
+    ----------
+    site:
+        Site name; must match the manifest.
+    manifest:
+        ``results/data/{site}/manifest.json``.
+    cases:
+        ``results/preprocessed/{site}/{case}.npz``, at least the training cases.
+    patches:
+        ``results/patches/{site}.parquet``.
+    """
+    try:
+        data = json.loads(Path(manifest).read_text())
+    except (OSError, ValueError) as exc:
+        raise RoundError(f"{manifest}: cannot read manifest ({exc})") from None
+    if data.get("site") != site:
+        raise RoundError(f"{manifest}: manifest of site {data.get('site')!r}, expected {site!r}")
+    given = {Path(p).stem: Path(p) for p in cases}
+    train = sorted(data.get("train") or [])
+    missing = [case for case in train if case not in given]
+    if missing or not train:
+        raise RoundError(f"{manifest}: site {site} training cases missing from the rule's inputs: {missing}")
+    npz = {case: given[case] for case in train}
+    return SiteData(site=site, npz_paths=npz, patches=Path(patches))
+
+
+def local_settings(
+    *,
+    loss_spec: Any,
+    training: Mapping[str, Any],
+    patch_size: Sequence[int],
+    device: str | None = None,
+    val_patches: int = 2,
+) -> LocalSettings:
+    """:class:`LocalSettings` from plain config values (the ``training`` section, the loss combination).
+
+    Parameters
+    ----------
+    loss_spec:
+        The loss combination handed to the Trainer.
+    training:
+        The config's ``training`` section (:meth:`TrainSettings.from_config`).
+    patch_size:
+        ``(z, y, x)``.
+    device:
+        ``cpu``, ``cuda`` or ``cuda:N``; ``None``: :func:`default_device`.
+    val_patches:
+        Validation patches per organ.
+    """
+    from fedpsmos.training.trainer import TrainSettings
+
+    size = tuple(int(s) for s in patch_size)
+    if len(size) != 3:
+        raise ValueError(f"patch_size must have three entries (z, y, x), got {list(patch_size)}")
+    return LocalSettings(
+        loss_spec=loss_spec,
+        settings=TrainSettings.from_config(dict(training)),
+        patch_size=size,  # type: ignore[arg-type]
+        device=device or default_device(),
+        val_patches=int(val_patches),
+    )
+
+
+def validation_dice(
+    model: torch.nn.Module,
+    *,
+    patches: str | Path,
+    npz_paths: Mapping[str, str | Path],
+    patch_size: Sequence[int],
+    per_organ: int,
+    seed: int,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Per-organ Dice of ``model`` on a fixed seeded subset of a site's own patch index.
+
+    For each organ in the patch index's ``organ`` column, ``per_organ`` of its patches are drawn with
+    ``seed`` (the same every round); the organ's Dice is pooled over its patches, ``2|P and G| / (|P| + |G|)``
+    (1.0 if both are empty). Only these scalars leave the site.
+
+    Parameters
+    ----------
+    model:
+        The network; it is put back in training mode afterwards.
+    patches:
+        The site's patch index (parquet: case, z, y, x, organ, ...).
+    npz_paths:
+        ``{case: preprocessed .npz}`` of the site's training cases.
+    patch_size:
+        ``(z, y, x)`` voxels.
+    per_organ:
+        Patches per organ (0 disables validation and returns ``{}``).
+    seed:
+        Seed of the subset.
+    device:
+        Torch device for the forward passes.
+    """
+    if per_organ <= 0:
+        return {}
+    index = pd.read_parquet(patches, columns=["case", "z", "y", "x", "organ"])
+    index = index[index["case"].isin(list(npz_paths))].sort_values(["organ", "case", "z", "y", "x"])
+    rng = np.random.default_rng(seed)
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    scores: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for organ, rows in index.groupby("organ", sort=True):
+            picked = rows.iloc[np.sort(rng.choice(len(rows), size=min(per_organ, len(rows)), replace=False))]
+            cls = CLASS_INDEX[str(organ)]
+            inter = pred_sum = ref_sum = 0
+            for row in picked.itertuples(index=False):
+                if row.case not in cache:
+                    with np.load(npz_paths[row.case]) as npz:
+                        cache[row.case] = (npz["image"].astype(np.float32, copy=False), npz["label"])
+                image, label = cache[row.case]
+                corner = (int(row.z), int(row.y), int(row.x))
+                # Padding as the sampler pads: air-like minimum intensity, background label.
+                img = torch.from_numpy(crop_patch(image, corner, patch_size, float(image.min()))).to(device)
+                with torch.no_grad():
+                    out = model(img[None, None].float())
+                logits = out[0] if isinstance(out, list | tuple) else out  # full resolution head
+                pred = logits.argmax(dim=1)[0].cpu().numpy() == cls
+                ref = crop_patch(label, corner, patch_size, 0) == cls
+                inter += int(np.logical_and(pred, ref).sum())
+                pred_sum += int(pred.sum())
+                ref_sum += int(ref.sum())
+            denom = pred_sum + ref_sum
+            scores[str(organ)] = 1.0 if denom == 0 else 2.0 * inter / denom
+    finally:
+        model.train(was_training)
+    return scores
