@@ -42,6 +42,12 @@ if [[ -n "$PIDS" && -s "$PIDS" ]]; then
     : >"$PIDS"
 else
     echo "stop.sh: no PID file${WORKDIR:+ in $WORKDIR}; nothing to stop"
+    # start.sh reused a cluster another WORKDIR owns (its PIDs live there): leave its client cache and
+    # pointer alone, or its clients would lose the configuration while it still runs.
+    owner="$(cat "$POINTER" 2>/dev/null || true)"
+    if [[ -n "$owner" && "$owner" != "$WORKDIR" && -s "$owner/pids" ]]; then
+        exit 0
+    fi
 fi
 
 rm -rf /run/slurm/conf
