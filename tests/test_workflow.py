@@ -79,13 +79,14 @@ def test_tiny_config_runs_end_to_end(tiny_run: Path) -> None:
     # Nothing left to do.
     assert "Nothing to be done" in snakemake(work, "-n", "all").stdout
 
-    # Rerunning one site's adaptation plans that adaptation, its prediction and evaluation, nothing else.
+    # Rerunning one site's adaptation plans that adaptation, its prediction and evaluation, nothing else
+    # (the target goes before --forcerun, which takes every following word as a rule name).
     target = "results/adapted/decoder/site3/metrics.csv"
-    plan = dry_run_jobs(snakemake(work, "-n", "--forcerun", "adapt_model", target).stdout)
+    plan = dry_run_jobs(snakemake(work, "-n", target, "--forcerun", "adapt_model").stdout)
     assert sorted(j["rule"] for j in plan) == ["adapt_model", "evaluate_site", "predict_site"]
     assert all(j["wildcards"].get("site") == "site3" for j in plan)
     before = {p: p.stat().st_mtime_ns for p in (work / "results").rglob("*") if p.is_file()}
-    snakemake(work, "--cores", "2", "--forcerun", "adapt_model", target)
+    snakemake(work, "--cores", "2", target, "--forcerun", "adapt_model")
     changed = {
         p for p in (work / "results").rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns
     }
