@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,29 @@ def test_block_equals_rules_and_resumes(federation: dict[str, Any], tmp_path: Pa
     assert before == {p: p.stat().st_mtime_ns for p in before}
     assert [r["round"] for r in records] == [1, 2, 3]
     assert blocks.resume_round(setting, 1, 3, list(sites)) == 4
+
+
+def test_block_does_not_reuse_rounds_made_with_other_settings_or_another_start(
+    federation: dict[str, Any], tmp_path: Path
+) -> None:
+    # Prepare: the per-round federation's files stand in for a finished block's
+    setting, names = federation["setting"], list(federation["sites"])
+    local_ = local()
+    plan = RoundPlan(local_iterations=ITERS, seed=SEED, attempts=1, on_site_failure="fail")
+    copy = tmp_path / "copy"
+    shutil.copytree(setting, copy)
+    own = blocks.block_provenance(local_, plan, names)
+    for r in (1, 2, 3):
+        record = json.loads(paths.record_path(copy, r).read_text())
+        paths.record_path(copy, r).write_text(json.dumps({**record, "provenance": own}))
+    other = blocks.block_provenance(local_, RoundPlan(ITERS, SEED + 1, 1, "fail"), names)
+    # Execute / Assert: complete for a block with the settings its records carry ...
+    assert blocks.resume_round(copy, 1, 3, names, own) == 4
+    # ... not for a block with another seed
+    assert other != own and blocks.resume_round(copy, 1, 3, names, other) == 1
+    # ... nor once the model they started from has changed (M0 retrained): everything is redone
+    shutil.copy(paths.global_model_path(copy, 3), paths.global_model_path(copy, 0))
+    assert blocks.resume_round(copy, 1, 3, names, own) == 1
 
 
 def _site_file(

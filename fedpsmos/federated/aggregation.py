@@ -10,7 +10,7 @@ round record ``round_{r}/record.json`` (docs/architecture.md, "Federated rounds"
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fedpsmos.atomic import write_json
 from fedpsmos.federated.fedavg import AggregationError, aggregate, check_states
-from fedpsmos.federated.rounds import POLICIES, ROUND_KIND, RoundError, load_global
+from fedpsmos.federated.rounds import POLICIES, ROUND_KIND, RoundError, file_digest, load_global
 from fedpsmos.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def aggregate_round(
     out_record: str | Path,
     round_index: int,
     policy: str,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """FedAvg one round from the site files alone (paper Alg. 1, server side); return the record written.
 
@@ -91,6 +92,9 @@ def aggregate_round(
         ``r``.
     policy:
         ``fail`` (a failed site is an error) or ``skip`` (it is dropped and recorded).
+    provenance:
+        Plain values recorded as they are (a block records the digest of its round plan, so a rerun with
+        other settings does not take the old rounds for complete).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -141,6 +145,9 @@ def aggregate_round(
         "local_iterations": {m["site"]: int(m["local_iterations"]) for m in metas},
         "losses": {m["site"]: m.get("mean_loss") for m in metas},
         "val_dice": {m["site"]: dict(m.get("val_dice") or {}) for m in metas},
+        # The chain of rounds: which global model this round started from.
+        "previous_global_sha256": file_digest(previous_global),
+        "provenance": dict(provenance or {}),
     }
     write_json(out_record, record)
     return record

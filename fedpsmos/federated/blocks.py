@@ -21,10 +21,11 @@ compute the same weights as an uninterrupted block (CPU, same thread count).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import multiprocessing as mp
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import torch
 
 from fedpsmos.federated.aggregation import aggregate_round
 from fedpsmos.federated.paths import global_model_path, private_state_path, record_path, site_model_path
-from fedpsmos.federated.rounds import RoundError
+from fedpsmos.federated.rounds import RoundError, file_digest
 from fedpsmos.federated.site_round import (
     LocalSettings,
     RoundPlan,
@@ -49,8 +50,15 @@ log = logging.getLogger(__name__)
 _JOIN_TIMEOUT_S = 30.0
 
 
-def round_complete(setting_dir: str | Path, round_index: int, sites: Sequence[str]) -> bool:
-    """Whether every file of round ``r`` exists and verifies (global, record, site models, private states).
+def round_complete(
+    setting_dir: str | Path,
+    round_index: int,
+    sites: Sequence[str],
+    provenance: Mapping[str, Any] | None = None,
+) -> bool:
+    """Whether round ``r`` is done for this block: every file exists and verifies (global, record, site
+    models, private states), the round started from the global model now on disk for ``r - 1``, and its
+    record carries the block's ``provenance`` (the digest of its settings).
 
     Parameters
     ----------
@@ -60,10 +68,17 @@ def round_complete(setting_dir: str | Path, round_index: int, sites: Sequence[st
         ``r``.
     sites:
         Site names.
+    provenance:
+        What the block records in every round (see :func:`block_provenance`); ``None`` skips that check.
     """
     try:
         record = json.loads(record_path(setting_dir, round_index).read_text())
         if record.get("round") != round_index:
+            return False
+        if provenance is not None and record.get("provenance") != dict(provenance):
+            return False
+        started_from = file_digest(global_model_path(setting_dir, round_index - 1))
+        if record.get("previous_global_sha256") != started_from:
             return False
         paths = [global_model_path(setting_dir, round_index)]
         paths += [site_model_path(setting_dir, round_index, s) for s in sites]
@@ -75,7 +90,36 @@ def round_complete(setting_dir: str | Path, round_index: int, sites: Sequence[st
     return True
 
 
-def resume_round(setting_dir: str | Path, first_round: int, last_round: int, sites: Sequence[str]) -> int:
+def block_provenance(local: LocalSettings, plan: RoundPlan, sites: Sequence[str]) -> dict[str, str]:
+    """A digest of everything that shapes a block's rounds besides their input models (loss, training
+    settings, patch size, local iterations, seed, attempts, policy, sites), recorded in every round's record.
+
+    Parameters
+    ----------
+    local, plan:
+        The block's settings.
+    sites:
+        Site names, in worker order.
+    """
+    described = {
+        "loss": local.loss_spec,
+        "settings": repr(local.settings),
+        "patch_size": list(local.patch_size),
+        "val_patches": local.val_patches,
+        "plan": dataclasses.asdict(plan),
+        "sites": list(sites),
+    }
+    text = json.dumps(described, sort_keys=True, default=str)
+    return {"block_settings_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def resume_round(
+    setting_dir: str | Path,
+    first_round: int,
+    last_round: int,
+    sites: Sequence[str],
+    provenance: Mapping[str, Any] | None = None,
+) -> int:
     """The first round of ``first..last`` that is not complete (``last + 1`` if all are).
 
     Parameters
@@ -86,9 +130,11 @@ def resume_round(setting_dir: str | Path, first_round: int, last_round: int, sit
         The block's rounds, inclusive.
     sites:
         Site names.
+    provenance:
+        See :func:`round_complete`.
     """
     for r in range(first_round, last_round + 1):
-        if not round_complete(setting_dir, r, sites):
+        if not round_complete(setting_dir, r, sites, provenance):
             return r
     return last_round + 1
 
@@ -144,7 +190,8 @@ def run_block(
     names = [str(s.site) for s in sites]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"block sites must be distinct and non-empty, got {names}")
-    start = resume_round(setting_dir, first_round, last_round, names)
+    provenance = block_provenance(local, plan, names)
+    start = resume_round(setting_dir, first_round, last_round, names, provenance)
     if start > first_round:
         log.info(
             "block %d..%d: rounds %d..%d complete, resuming at %d",
@@ -155,7 +202,7 @@ def run_block(
             start,
         )
     if start <= last_round:
-        _run_rounds(setting_dir, start, last_round, sites, local, plan, threads_per_worker)
+        _run_rounds(setting_dir, start, last_round, sites, local, plan, threads_per_worker, provenance)
     return [json.loads(record_path(setting_dir, r).read_text()) for r in range(first_round, last_round + 1)]
 
 
@@ -233,6 +280,7 @@ def _run_rounds(
     local: LocalSettings,
     plan: RoundPlan,
     threads_per_worker: int,
+    provenance: Mapping[str, Any],
 ) -> None:
     devices = worker_devices(local.device, len(sites))
     ctx = mp.get_context("spawn")
@@ -285,6 +333,7 @@ def _run_rounds(
                 out_record=record_path(setting_dir, r),
                 round_index=r,
                 policy=plan.on_site_failure,
+                provenance=provenance,
             )
             log.info("round %d aggregated over %d site(s)", r, len(workers))
     finally:

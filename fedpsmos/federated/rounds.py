@@ -31,6 +31,7 @@ Choices the paper leaves open (docs/federated.md):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,18 @@ def init_global(m0_path: str | Path, out_global: str | Path) -> None:
         "initialised_from": str(m0_path),
     }
     save_checkpoint(out_global, {"model": weights_only(payload["model"]), "meta": global_meta})
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: ties a round's record to the global model the round started from.
+
+    Parameters
+    ----------
+    path:
+        The file to digest.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
