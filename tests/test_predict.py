@@ -12,6 +12,7 @@ import torch
 
 from fedpsmos.inference.predict import class_lookup, output_classes, predict_site
 from fedpsmos.network import NetworkSpec, build_network
+from fedpsmos.preprocessing.orientation import orientation_record, reorient
 from fedpsmos.preprocessing.resample import resample_array
 from fedpsmos.training.checkpoint import save_checkpoint
 
@@ -38,8 +39,9 @@ def _original_case(tmp_path, case: str) -> sitk.Image:
 
 
 def _npz(tmp_path, case: str, original: sitk.Image) -> None:
-    spacing_zyx = original.GetSpacing()[::-1]
-    image = resample_array(sitk.GetArrayFromImage(original), spacing_zyx, TARGET_SPACING, order=1)
+    oriented = reorient(original)  # as preprocessing does
+    spacing_zyx = oriented.GetSpacing()[::-1]
+    image = resample_array(sitk.GetArrayFromImage(oriented), spacing_zyx, TARGET_SPACING, order=1)
     out = tmp_path / "npz"
     out.mkdir(exist_ok=True)
     np.savez_compressed(
@@ -52,6 +54,7 @@ def _npz(tmp_path, case: str, original: sitk.Image) -> None:
         sitk_spacing=np.asarray(original.GetSpacing(), np.float64),
         sitk_origin=np.asarray(original.GetOrigin(), np.float64),
         sitk_direction=np.asarray(original.GetDirection(), np.float64),
+        **orientation_record(original, oriented),
     )
 
 

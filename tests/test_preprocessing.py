@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from fedpsmos.inference.predict import label_to_image
 from fedpsmos.organs import CLASS_INDEX
 from fedpsmos.preprocessing import (
     NPZ_KEYS,
@@ -186,13 +187,19 @@ def test_preprocess_case_writes_npz_contract(tmp_path):
     extent_out = np.array(expected_shape) * np.array(SETTINGS["spacing"])
     assert np.all(np.abs(extent_out - extent_in) <= np.array(SETTINGS["spacing"]) / 2 + 1e-9)
     assert set(np.unique(data["label"])) == {0, 1, 4, 5}
-    # Flipped x: array x index 32..37 is physical -x (patient's right).
-    # Output (7, 12, x) samples input z 4.2 -> 4, y 26.7 -> 27; output x 16 -> input 35.6 -> 36, x 4 -> 9.
-    assert data["label"][7, 12, 16] == CLASS_INDEX["kidney_right"]
-    assert data["label"][7, 12, 4] == CLASS_INDEX["kidney_left"]
+    # The file is RAS (x and y flipped); the arrays are LPS: oriented index = 43 - x, 39 - y.
+    assert str(data["orientation"]) == "RAS"
+    np.testing.assert_allclose(data["oriented_direction"], np.eye(3).ravel())
+    assert data["oriented_size"].tolist() == [44, 40, 12]
+    np.testing.assert_allclose(data["oriented_origin"], (10.0 - 43 * 0.9, -20.0 - 39 * 0.9, 30.0))
+    # Kidney blob 2 (file x 32..37, physical -x: the patient's right) is at oriented x 6..11, y 8..15.
+    # Output (7, 5, x) samples oriented z 4.2 -> 4, y 11.1 -> 11; output x 4 -> 8.9 -> 9, x 16 -> 35.6 -> 36.
+    assert data["label"][7, 5, 4] == CLASS_INDEX["kidney_right"]
+    assert data["label"][7, 5, 16] == CLASS_INDEX["kidney_left"]
     top, bottom = (305 - 90.9) / 65.5, (-80 - 90.9) / 65.5
     assert data["image"][0, 0, 0] == pytest.approx(bottom, abs=1e-4)  # air is clipped to -80 HU
-    assert data["image"][9, 7, 6] == pytest.approx(top, abs=0.05)  # inside the bone block (above 305 HU)
+    # Inside the bone block (1200 HU, clipped to 305; oriented y 20..29, x 24..35), up to spline ringing.
+    assert data["image"][9, 11, 13] == pytest.approx(top, abs=0.1)
     assert info["voxels"]["liver"] == int(np.count_nonzero(data["label"] == 1))
 
 
@@ -236,16 +243,12 @@ def test_round_trip_to_original_geometry(tmp_path):
         data = {k: npz[k] for k in npz.files}
 
     # Execute
-    back = resample_label_to_geometry(
-        data["label"],
-        spacing_zyx=data["spacing"],
-        sitk_size=data["sitk_size"],
-        sitk_spacing=data["sitk_spacing"],
-        sitk_origin=data["sitk_origin"],
-        sitk_direction=data["sitk_direction"],
-    )
+    written = label_to_image(data["label"], data)  # through the canonical orientation and back
+    back = sitk.GetArrayFromImage(written)
 
-    # Assert: original size, and the organs come back where they were (nearest both ways: >= 90% overlap).
+    # Assert: original size, and the organs come back where they were (nearest both ways: >= 88% overlap; the
+    # resampled grid starts at the oriented first voxel, here the file's last, which moves the blob's edges).
     assert back.shape == label.shape
+    assert written.GetDirection() == FLIPPED and written.GetOrigin() == (10.0, -20.0, 30.0)
     liver = np.isin(label, (1, 2))
-    assert np.count_nonzero(back[liver] == 1) >= 0.9 * np.count_nonzero(liver)
+    assert np.count_nonzero(back[liver] == 1) >= 0.88 * np.count_nonzero(liver)

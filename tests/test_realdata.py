@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from fedpsmos.data.label_map import apply_label_map_image
 from fedpsmos.organs import CLASS_INDEX
 from fedpsmos.preprocessing import preprocess_case, resample_array
+from fedpsmos.preprocessing.orientation import reorient
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 IMAGE = REALDATA / "ct_abdomen_3mm.nii.gz"
@@ -78,10 +79,12 @@ def test_real_ct_preprocesses_to_paper_spacing(tmp_path):
     for organ, value in labels.items():
         expected = np.count_nonzero(original == value[0]) * voxel_ratio
         assert info["voxels"][organ] == pytest.approx(expected, rel=0.1)
-    # Liver lies on the patient's right (-x in LPS): with direction -1 on x it sits at high array x.
+    # The file is RAS; the arrays are canonical LPS, so the liver (the patient's right, -x) sits at low
+    # array x although the file stores it at high x.
+    assert str(data["orientation"]) == "RAS"
     liver_x = np.argwhere(data["label"] == CLASS_INDEX["liver"])[:, 2].mean()
     spleen_x = np.argwhere(data["label"] == CLASS_INDEX["spleen"])[:, 2].mean()
-    assert liver_x > spleen_x
+    assert liver_x < spleen_x
 
 
 def test_partial_spleen_map(tmp_path):
@@ -115,7 +118,8 @@ def test_merged_kidney_label_splits_back_by_body_side(tmp_path):
     # Assert: the split agrees with the true left/right labels for >= 95% of kidney voxels, in both grids.
     assert np.mean(split[kidney] == expected[kidney]) >= 0.95
     assert set(np.unique(split)) == {0, CLASS_INDEX["kidney_left"], CLASS_INDEX["kidney_right"]}
-    truth_resampled = resample_array(truth, (3.0, 3.0, 3.0), PAPER_SPACING, order=0)
+    truth_lps = sitk.GetArrayFromImage(reorient(sitk.ReadImage(str(LABEL))))  # as preprocessing orients
+    truth_resampled = resample_array(truth_lps, (3.0, 3.0, 3.0), PAPER_SPACING, order=0)
     kidney_resampled = np.isin(truth_resampled, (4, 5))
     expected_resampled = np.where(
         truth_resampled == 5, CLASS_INDEX["kidney_left"], CLASS_INDEX["kidney_right"]

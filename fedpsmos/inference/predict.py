@@ -1,11 +1,13 @@
-"""Predict a site's test cases and write them in the original geometry (DESIGN.md "Training": inference).
+"""Predict a site's test cases and write them in the original geometry (docs/design.md "Inference").
 
 For each test case of a site's manifest: load its preprocessed ``.npz``, run the Gaussian sliding window
 (:mod:`fedpsmos.inference.sliding_window`), take the argmax over the model's classes, map them to the global
 class values (a site-alone model outputs only its site's organs, named in its checkpoint's
-``meta["organs"]``), bring the label map back to the original grid by nearest neighbour
-(:func:`fedpsmos.preprocessing.resample.resample_label_to_geometry`) and write ``{case}.nii.gz`` (uint8) with
-the original size, spacing, origin and direction. The output directory appears whole or not at all.
+``meta["organs"]``), bring the label map back to the canonically oriented grid by nearest neighbour
+(:func:`fedpsmos.preprocessing.resample.resample_label_to_geometry`), undo the canonical orientation exactly
+(:func:`fedpsmos.preprocessing.orientation.array_to_original`, a permutation and flip of the axes) and write
+``{case}.nii.gz`` (uint8) with the original size, spacing, origin and direction, voxel for voxel in the input
+file's own order. The output directory appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from torch import nn
 from fedpsmos.inference.sliding_window import predict_logits
 from fedpsmos.network import NetworkSpec, build_network
 from fedpsmos.organs import CLASS_INDEX, CLASSES
+from fedpsmos.preprocessing.orientation import RECORD_KEYS, array_to_original
 from fedpsmos.preprocessing.resample import resample_label_to_geometry
 from fedpsmos.training.checkpoint import load_checkpoint, load_model_state
 
-NPZ_KEYS = ("image", "spacing", "sitk_size", "sitk_spacing", "sitk_origin", "sitk_direction")
+NPZ_KEYS = ("image", "spacing", "sitk_size", "sitk_spacing", "sitk_origin", "sitk_direction", *RECORD_KEYS)
 
 
 def output_classes(organs: Sequence[str]) -> tuple[str, ...]:
@@ -98,7 +101,10 @@ def load_case(npz_path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     with np.load(path) as data:
         missing = [k for k in NPZ_KEYS if k not in data.files]
         if missing:
-            raise ValueError(f"{path}: preprocessed case lacks keys {missing}")
+            raise ValueError(
+                f"{path}: preprocessed case lacks keys {missing} (written before canonical orientation? "
+                "preprocess it again)"
+            )
         case = {k: np.asarray(data[k]) for k in NPZ_KEYS}
     if case["image"].ndim != 3:
         raise ValueError(f"{path}: image must be [Z, Y, X], got shape {case['image'].shape}")
@@ -138,22 +144,27 @@ def predict_label(
 
 
 def label_to_image(label_zyx: np.ndarray, case: dict[str, np.ndarray]) -> sitk.Image:
-    """Resample a preprocessed-grid label back to the original grid and attach the original geometry.
+    """Resample a preprocessed-grid label to the original grid, in the file's voxel order and geometry.
 
     Parameters
     ----------
     label_zyx:
-        Global-class label map on the preprocessed grid (``case["spacing"]``).
+        Global-class label map on the preprocessed grid (``case["spacing"]``, canonical orientation).
     case:
-        Arrays from :func:`load_case` (the ``sitk_*`` geometry).
+        Arrays from :func:`load_case` (the ``oriented_*`` grid and the original ``sitk_*`` geometry).
     """
-    original = resample_label_to_geometry(
+    oriented = resample_label_to_geometry(
         label_zyx,
         spacing_zyx=case["spacing"].tolist(),
-        sitk_size=case["sitk_size"].tolist(),
-        sitk_spacing=case["sitk_spacing"].tolist(),
-        sitk_origin=case["sitk_origin"].tolist(),
-        sitk_direction=case["sitk_direction"].tolist(),
+        sitk_size=case["oriented_size"].tolist(),
+        sitk_spacing=case["oriented_spacing"].tolist(),
+        sitk_origin=case["oriented_origin"].tolist(),
+        sitk_direction=case["oriented_direction"].tolist(),
+    )
+    original = array_to_original(
+        oriented,
+        original_direction=case["sitk_direction"].tolist(),
+        oriented_direction=case["oriented_direction"].tolist(),
     )
     image = sitk.GetImageFromArray(np.ascontiguousarray(original, dtype=np.uint8))
     image.SetSpacing([float(v) for v in case["sitk_spacing"]])

@@ -1,4 +1,4 @@
-"""Sliding-window inference with Gaussian importance weighting (DESIGN.md "Training": inference).
+"""Sliding-window inference with Gaussian importance weighting (docs/design.md "Inference").
 
 The volume is covered by patches at nnU-Net v2's tile positions (``compute_steps_for_sliding_window``: at most
 ``step * patch`` voxels apart, spread evenly so the last tile ends at the border). Each tile's output is
@@ -6,6 +6,12 @@ weighted by a Gaussian importance map (``compute_gaussian``: a unit impulse at t
 sigma = 1/8 of the patch on each axis, scaled to a maximum of 1, zeros replaced by the smallest positive
 value so every voxel has weight) and the weighted sum is divided by the summed weights. An image smaller than
 the patch is padded with zeros around its centre, as nnU-Net's ``pad_nd_image`` does, and cropped back.
+
+Test-time mirroring (``mirror=True``) averages the flips of the inferior-superior and anterior-posterior axes
+only (``mirror_axes=(0, 1)``), never the left-right axis x: after the canonical orientation of preprocessing x
+is the patient's right -> left, and a left-right mirrored volume shows kidney_left where kidney_right belongs
+(:mod:`fedpsmos.training.augmentation` and docs/orientation.md explain the choice; TotalSegmentator does the
+same for its lateralised classes).
 
 Differences from nnU-Net's predictor, on purpose: accumulation is in float32 (nnU-Net uses float16, which is
 why its logits differ from ours by about 1e-3), tiles are batched (two per forward pass by default), and
@@ -29,6 +35,9 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
+
+# Spatial axes (z, y, x) that test-time mirroring flips: not x, the left-right axis (module docstring).
+MIRROR_AXES = (0, 1)
 
 
 def compute_gaussian(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
@@ -126,13 +135,15 @@ def _forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _mirrored_forward(net: nn.Module, x: torch.Tensor, mirror: bool) -> torch.Tensor:
-    """Forward, averaged over every combination of flipped spatial axes when ``mirror`` (nnU-Net's TTA)."""
+def _mirrored_forward(
+    net: nn.Module, x: torch.Tensor, mirror: bool, mirror_axes: Sequence[int]
+) -> torch.Tensor:
+    """Forward, averaged over every combination of flipped ``mirror_axes`` when ``mirror`` (nnU-Net's TTA)."""
     out = _forward(net, x).float()
     if not mirror:
         return out
-    axes = (2, 3, 4)
-    combos = [c for r in range(1, 4) for c in itertools.combinations(axes, r)]
+    axes = tuple(2 + int(a) for a in mirror_axes)  # batch and channel come first
+    combos = [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
     for combo in combos:
         out += torch.flip(_forward(net, torch.flip(x, combo)).float(), combo)
     return out / (len(combos) + 1)
@@ -145,6 +156,7 @@ def predict_logits(
     patch_size: Sequence[int],
     step: float = 0.5,
     mirror: bool = False,
+    mirror_axes: Sequence[int] = MIRROR_AXES,
     device: torch.device | str | None = None,
     batch_size: int = 2,
     accumulate: str = "logits",
@@ -162,7 +174,10 @@ def predict_logits(
     step:
         Tile step as a fraction of the patch (nnU-Net: 0.5).
     mirror:
-        Average over all 7 flips of the three axes as well (test-time augmentation).
+        Average over every combination of flips of ``mirror_axes`` as well (test-time augmentation).
+    mirror_axes:
+        Spatial axes (0 z, 1 y, 2 x) that mirroring flips; default (0, 1), 3 flips besides the identity,
+        leaving the left-right axis alone (module docstring). nnU-Net's (0, 1, 2) gives all 7 flips.
     device:
         Where the network runs and the sums accumulate; default: the network's parameters' device.
     batch_size:
@@ -177,6 +192,8 @@ def predict_logits(
     """
     if accumulate not in ("logits", "softmax"):
         raise ValueError(f"accumulate must be 'logits' or 'softmax', got {accumulate!r}")
+    if len(set(mirror_axes)) != len(tuple(mirror_axes)) or not set(mirror_axes) <= {0, 1, 2}:
+        raise ValueError(f"mirror_axes must be distinct spatial axes among 0, 1, 2, got {tuple(mirror_axes)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     patch = tuple(int(p) for p in patch_size)
@@ -214,7 +231,7 @@ def predict_logits(
                 # Keep the batch of the other passes so the convolutions stay on oneDNN (module docstring).
                 tiles = torch.cat([tiles, tiles[-1:].expand(batch_size - len(slices), *tiles.shape[1:])])
             with torch.autocast("cuda") if use_autocast else contextlib.nullcontext():
-                out = _mirrored_forward(net, tiles, mirror)  # b, c, z, y, x
+                out = _mirrored_forward(net, tiles, mirror, mirror_axes)  # b, c, z, y, x
             out = out[: len(slices)].float()
             if accumulate == "softmax":
                 out = torch.softmax(out, dim=1)

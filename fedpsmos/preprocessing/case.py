@@ -5,9 +5,14 @@ Order of operations, and why:
 1. Read image and label with SimpleITK and check they share one grid.
 2. Apply the site label map in the original grid, so the kidney left/right split uses the original physical
    coordinates (:func:`fedpsmos.data.label_map.apply_label_map_image`).
-3. Clip and normalise the intensities (paper: mean 90.9, std 65.5) before resampling, as nnU-Net v2's
+3. Bring image and global label to the canonical orientation (:mod:`fedpsmos.preprocessing.orientation`:
+   ``DICOMOrient`` to LPS, a permutation and flip of the axes with no interpolation), so the same anatomy
+   gives the same array whether the file stored it LPS, RAS or slice axis first. Before resampling, because
+   the target spacing is given in anatomical (z, y, x) order. The ``.npz`` records the original orientation
+   code and the oriented grid so that predictions go back to the file's own voxel order.
+4. Clip and normalise the intensities (paper: mean 90.9, std 65.5) before resampling, as nnU-Net v2's
    ``DefaultPreprocessor`` does: clipping first keeps air/bone edges from ringing through the cubic spline.
-4. Resample the image (order 3 or 1) and the global label map (nearest) to the shared spacing on the
+5. Resample the image (order 3 or 1) and the global label map (nearest) to the shared spacing on the
    shared-origin grid of :mod:`fedpsmos.preprocessing.resample`.
 """
 
@@ -26,6 +31,7 @@ from fedpsmos.atomic import atomic_path
 from fedpsmos.data.label_map import apply_label_map_image
 from fedpsmos.organs import CLASS_INDEX, LabelMapError, labelled_mask, labelled_organs
 from fedpsmos.preprocessing.normalise import normalise_ct
+from fedpsmos.preprocessing.orientation import RECORD_KEYS, orientation_record, reorient
 from fedpsmos.preprocessing.resample import resample_array
 
 NPZ_KEYS = (
@@ -37,6 +43,7 @@ NPZ_KEYS = (
     "sitk_spacing",
     "sitk_origin",
     "sitk_direction",
+    *RECORD_KEYS,
 )
 
 
@@ -90,6 +97,8 @@ def preprocess_case(
 ) -> dict[str, Any]:
     """Preprocess one image/label pair into the ``.npz`` of docs/architecture.md, written atomically.
 
+    The arrays are in the canonical orientation (module docstring, step 3) at the target spacing.
+
     Parameters
     ----------
     image_path, label_path:
@@ -108,7 +117,8 @@ def preprocess_case(
     Returns
     -------
     dict
-        ``shape`` (z, y, x) and ``spacing`` after resampling, the original ``sitk_size`` and
+        ``shape`` (z, y, x) and ``spacing`` after orientation and resampling, the original ``sitk_size``,
+        ``orientation`` (the file's orientation code) and
         ``voxels``: voxel count per labelled organ in the resampled label map.
     """
     image_path, label_path, out_npz = Path(image_path), Path(label_path), Path(out_npz)
@@ -132,14 +142,19 @@ def preprocess_case(
     except LabelMapError as err:
         raise PreprocessingError(f"{label_path}: {err}") from err
 
-    intensities = sitk.GetArrayViewFromImage(image)
+    global_image = sitk.GetImageFromArray(global_label)
+    global_image.CopyInformation(label)
+    oriented = reorient(image)
+    oriented_label = sitk.GetArrayFromImage(reorient(global_image))
+
+    intensities = sitk.GetArrayViewFromImage(oriented)
     if not np.all(np.isfinite(intensities)):
         raise PreprocessingError(f"{image_path}: image holds non-finite values")
     normalised = normalise_ct(intensities, clip=clip, mean=mean, std=std)
-    from_spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+    from_spacing = tuple(float(s) for s in reversed(oriented.GetSpacing()))
     target = tuple(float(s) for s in spacing)
     resampled = resample_array(normalised, from_spacing, target, order=image_order)
-    resampled_label = resample_array(global_label, from_spacing, target, order=0).astype(np.uint8)
+    resampled_label = resample_array(oriented_label, from_spacing, target, order=0).astype(np.uint8)
 
     arrays: dict[str, Any] = {
         "image": resampled.astype(np.float32, copy=False),
@@ -150,6 +165,7 @@ def preprocess_case(
         "sitk_spacing": np.asarray(image.GetSpacing(), dtype=np.float64),
         "sitk_origin": np.asarray(image.GetOrigin(), dtype=np.float64),
         "sitk_direction": np.asarray(image.GetDirection(), dtype=np.float64),
+        **orientation_record(image, oriented),
     }
     with atomic_path(
         out_npz, suffix=".npz"
@@ -160,6 +176,7 @@ def preprocess_case(
         "shape": list(resampled.shape),
         "spacing": list(target),
         "sitk_size": list(image.GetSize()),
+        "orientation": str(arrays["orientation"]),
         "voxels": {organ: int(counts[CLASS_INDEX[organ]]) for organ in organs},
     }
 

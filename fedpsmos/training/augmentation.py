@@ -5,9 +5,23 @@ transform with nnU-Net v2's default probabilities and ranges (``nnUNetTrainer.ge
 rotation (p 0.2, +-30 degrees about each axis) and scaling (p 0.2, factor 0.7-1.4, same on all axes) by one
 affine resampling (image linear, labels nearest), Gaussian noise (p 0.1, variance up to 0.1), multiplicative
 brightness (p 0.15, 0.75-1.25), contrast (p 0.15, 0.75-1.25, range preserved), inverted gamma (p 0.1) and
-gamma (p 0.3, 0.7-1.5, statistics retained), mirroring (p 0.5 per axis). Left out: Gaussian blur and
+gamma (p 0.3, 0.7-1.5, statistics retained), mirroring (p 0.5 per axis, of the z and y axes only: see
+"Laterality" below). Left out: Gaussian blur and
 low-resolution simulation (cheap on a GPU pipeline, slow on the CPU here) and nnU-Net's enlarged crop before
 rotation (regions rotated in from outside the patch repeat the border voxels instead).
+
+Laterality: preprocessing brings every case to one orientation (:mod:`fedpsmos.preprocessing.orientation`),
+so the last array axis x runs from the patient's right to left, and kidney_left and kidney_right differ only
+by the side of the body. nnU-Net mirrors x too; a mirrored patch then shows a right kidney where left ones
+lie, labelled kidney_right, so the side stops telling the class. ``mirror_axes`` therefore defaults to (0, 1):
+z and y are mirrored with nnU-Net's p 0.5 each and x never (TotalSegmentator makes the same choice for its
+lateralised classes; :mod:`fedpsmos.inference.sliding_window` mirrors the same axes at test time). The
+alternative, mirroring x and swapping the paired labels, would also have to swap the logits channels of
+every model's class order and the partial-label masks, and was worse in the measurement
+(``bench/laterality_experiment.py``: tiny PlainConvUNet, 600 iterations on a phantom whose two kidneys differ
+only by side, Dice kidney_left / kidney_right on held-out cases, mean of 4 seeds): no x mirroring 0.94 / 0.97,
+x mirroring with swap 0.90 / 0.91, x mirroring without swap (nnU-Net) 0.87 / 0.86; at 300 iterations the
+swap variant lagged most (0.49 / 0.34). docs/orientation.md has the details.
 
 batchgeneratorsv2 draws from NumPy's and torch's global generators; every random number here comes from the
 generator passed in, so a batch is a function of the sampler's state and training resumes bit-identically.
@@ -41,6 +55,7 @@ class AugmentationSettings:
     p_gamma: float = 0.3
     gamma: tuple[float, float] = (0.7, 1.5)
     p_mirror: float = 0.5
+    mirror_axes: tuple[int, ...] = (0, 1)  # spatial axes (z, y, x) = (0, 1, 2); never x (module docstring)
 
 
 DEFAULT_AUGMENTATION = AugmentationSettings()
@@ -130,7 +145,7 @@ def augment_batch(
             img = _gamma(img, float(rng.uniform(*settings.gamma)), invert=True)
         if rng.random() < settings.p_gamma:
             img = _gamma(img, float(rng.uniform(*settings.gamma)), invert=False)
-        flips = [d + 1 for d in range(3) if rng.random() < settings.p_mirror]
+        flips = [d + 1 for d in settings.mirror_axes if rng.random() < settings.p_mirror]
         if flips:
             img, lab = torch.flip(img, flips), torch.flip(lab, flips)
         images.append(img.contiguous())
