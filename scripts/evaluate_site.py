@@ -7,7 +7,7 @@ from fedpsmos.evaluation.evaluate import evaluate_site
 
 
 def main(snakemake) -> None:
-    """Dice and HD95 per test case and labelled organ."""
+    """Dice, HD95 and missed/spurious flags per test case and labelled organ."""
     organs = snakemake.params.get("model_organs")
     evaluate_site(
         predictions_dir=snakemake.input.predictions,
@@ -17,6 +17,7 @@ def main(snakemake) -> None:
         site=str(snakemake.params.site),
         out_csv=snakemake.output.metrics,
         model_organs=list(organs) if organs else None,
+        hd95_convention=str(snakemake.params.get("hd95", "max")),
     )
 
 

@@ -1,4 +1,4 @@
-"""Dice and HD95 against hand-computed values (anisotropic spacing, empty masks) and evaluate_site's CSV."""
+"""Dice and HD95 (both conventions) against hand computation and brute force, empty masks, evaluate_site."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from fedpsmos.evaluation.evaluate import evaluate_site
-from fedpsmos.evaluation.metrics import dice, hd95, surface
+from fedpsmos.evaluation.metrics import dice, hd95, image_diagonal, surface
 
 
 def _mask(shape, *voxels):
@@ -41,14 +41,32 @@ def test_hd95_single_voxels_anisotropic():
     assert value == pytest.approx(math.sqrt(2.5**2 + 1.0**2 + 1.4**2))
 
 
-def test_hd95_pools_both_directions_like_medpy():
+def test_hd95_conventions_hand_computed():
     # Prepare: pred has a voxel on the reference and one 4 voxels away in x (0.5 mm): pred->ref [0, 2],
-    # ref->pred [0]; the pooled 95th percentile of [0, 0, 2] is 0.9 * 2 = 1.8 (MONAI's max of the directed
-    # percentiles would give 1.9)
+    # ref->pred [0]. Pooled (medpy): 95th percentile of [0, 0, 2] = 0.9 * 2 = 1.8. Max (MONAI): the larger of
+    # the directed 95th percentiles, percentile([0, 2]) = 0.95 * 2 = 1.9 and percentile([0]) = 0.
     pred = _mask((2, 2, 6), (0, 0, 0), (0, 0, 4))
     ref = _mask((2, 2, 6), (0, 0, 0))
     # Execute / Assert
-    assert hd95(pred, ref, (3.0, 2.0, 0.5)) == pytest.approx(1.8)
+    assert hd95(pred, ref, (3.0, 2.0, 0.5), convention="pooled") == pytest.approx(1.8)
+    assert hd95(pred, ref, (3.0, 2.0, 0.5), convention="max") == pytest.approx(1.9)
+    assert hd95(pred, ref, (3.0, 2.0, 0.5)) == pytest.approx(1.9)  # max is the default
+    assert hd95(ref, pred, (3.0, 2.0, 0.5)) == pytest.approx(1.9)  # symmetric
+
+
+def test_hd95_max_catches_a_one_sided_outlier_pooled_hides():
+    # Prepare: a row of voxels (all are surface in a 1 x 1 x 60 array), spacing 1 mm. Reference x 0..29;
+    # prediction the same plus x 58, 59 (a false positive 29-30 mm away). pred->ref: 30 zeros, 29, 30; its
+    # 95th percentile sits at rank 0.95 * 31 = 29.45, between 0 and 29: 0.45 * 29 = 13.05. ref->pred: 30
+    # zeros. Pooled: 60 zeros, 29, 30, rank 0.95 * 61 = 57.95 -> 0.
+    pred = np.zeros((1, 1, 60), dtype=bool)
+    ref = np.zeros((1, 1, 60), dtype=bool)
+    ref[0, 0, :30] = True
+    pred[0, 0, :30] = True
+    pred[0, 0, 58:] = True
+    # Execute / Assert
+    assert hd95(pred, ref, (1.0, 1.0, 1.0), convention="max") == pytest.approx(13.05)
+    assert hd95(pred, ref, (1.0, 1.0, 1.0), convention="pooled") == pytest.approx(0.0)
 
 
 def test_hd95_shifted_slab_uses_z_spacing():
@@ -64,9 +82,45 @@ def test_hd95_shifted_slab_uses_z_spacing():
 def test_empty_policy():
     empty = np.zeros((3, 4, 5), dtype=bool)
     organ = _mask((3, 4, 5), (1, 2, 3))
-    assert dice(empty, empty) == 1.0 and hd95(empty, empty, (1, 1, 1)) == 0.0
-    assert dice(organ, empty) == 0.0 and math.isnan(hd95(organ, empty, (1, 1, 1)))
-    assert dice(empty, organ) == 0.0 and math.isnan(hd95(empty, organ, (1, 1, 1)))
+    # Both empty: nothing to measure
+    assert dice(empty, empty) == 1.0 and math.isnan(hd95(empty, empty, (1, 1, 1)))
+    # Exactly one empty: Dice 0 and the image diagonal, sqrt((3*2.5)^2 + (4*0.8)^2 + (5*0.7)^2) mm
+    diagonal = math.sqrt(7.5**2 + 3.2**2 + 3.5**2)
+    assert image_diagonal((3, 4, 5), (2.5, 0.8, 0.7)) == pytest.approx(diagonal)
+    for convention in ("max", "pooled"):
+        assert hd95(organ, empty, (2.5, 0.8, 0.7), convention=convention) == pytest.approx(diagonal)
+        assert hd95(empty, organ, (2.5, 0.8, 0.7), convention=convention) == pytest.approx(diagonal)
+    assert dice(organ, empty) == 0.0 and dice(empty, organ) == 0.0
+    assert hd95(empty, organ, (1, 1, 1), penalty=123.0) == 123.0
+
+
+def _brute_force_directed(a, b, spacing):
+    """Distances from every surface voxel of a to its nearest surface voxel of b, by all pairs (no EDT)."""
+    sa = np.argwhere(surface(a)) * np.asarray(spacing)
+    sb = np.argwhere(surface(b)) * np.asarray(spacing)
+    return np.sqrt(((sa[:, None, :] - sb[None, :, :]) ** 2).sum(-1)).min(axis=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hd95_matches_brute_force(seed):
+    # Prepare: random blobs (MONAI and medpy are not dependencies, so the reference is every surface voxel
+    # pair's distance, computed directly)
+    rng = np.random.default_rng(seed)
+    pred = ndimage.binary_dilation(rng.random((8, 14, 12)) > 0.99, iterations=2)
+    ref = ndimage.binary_dilation(rng.random((8, 14, 12)) > 0.99, iterations=2)
+    pred[0, 0, :4] = True  # one blob on the border
+    ref[4, 7, 6] = True
+    spacing = (2.5, 0.9, 1.3)
+    forward = _brute_force_directed(pred, ref, spacing)
+    backward = _brute_force_directed(ref, pred, spacing)
+    # Execute / Assert
+    assert hd95(pred, ref, spacing, convention="max") == pytest.approx(
+        max(np.percentile(forward, 95), np.percentile(backward, 95))
+    )
+    assert hd95(pred, ref, spacing, convention="pooled") == pytest.approx(
+        np.percentile(np.concatenate([forward, backward]), 95)
+    )
+    assert hd95(pred, ref, spacing, convention="max") >= hd95(pred, ref, spacing, convention="pooled")
 
 
 def test_cropping_changes_nothing():
@@ -81,9 +135,12 @@ def test_cropping_changes_nothing():
         dt = ndimage.distance_transform_edt(~surface(b), sampling=spacing)
         return dt[surface(a)]
 
-    expected = np.percentile(np.concatenate([full(pred, ref), full(ref, pred)]), 95)
+    forward, backward = full(pred, ref), full(ref, pred)
     # Execute / Assert
-    assert hd95(pred, ref, spacing) == pytest.approx(expected)
+    pooled = np.percentile(np.concatenate([forward, backward]), 95)
+    assert hd95(pred, ref, spacing, convention="pooled") == pytest.approx(pooled)
+    largest = max(np.percentile(forward, 95), np.percentile(backward, 95))
+    assert hd95(pred, ref, spacing, convention="max") == pytest.approx(largest)
 
 
 def test_bad_input_raises():
@@ -91,6 +148,8 @@ def test_bad_input_raises():
         dice(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
     with pytest.raises(ValueError, match="spacing"):
         hd95(np.ones((2, 2, 2)), np.ones((2, 2, 2)), (1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="unknown HD95 convention"):
+        hd95(np.ones((2, 2, 2)), np.ones((2, 2, 2)), (1.0, 1.0, 1.0), convention="mean")
 
 
 def _write(array, path, spacing=(0.8, 0.9, 2.0), origin=(1.0, -2.0, 3.0)):
@@ -132,13 +191,27 @@ def test_evaluate_site_scores_only_labelled_organs(tmp_path):
     )
     # Assert
     written = pd.read_csv(tmp_path / "out" / "metrics.csv")
-    assert list(written.columns) == ["model", "site", "case", "organ", "dice", "hd95"]
+    assert list(written.columns) == [
+        "model",
+        "site",
+        "case",
+        "organ",
+        "dice",
+        "hd95",
+        "missed",
+        "spurious",
+        "hd95_convention",
+    ]
+    assert set(written["hd95_convention"]) == {"max"}
     assert list(written["organ"]) == ["liver", "spleen"]
     liver = written[written["organ"] == "liver"].iloc[0]
     assert liver["dice"] == pytest.approx(2 * 4 / 12)
     assert liver["hd95"] == pytest.approx(0.8)  # the missing x column is one 0.8 mm voxel away
+    assert not liver["missed"] and not liver["spurious"]
     spleen = written[written["organ"] == "spleen"].iloc[0]
-    assert spleen["dice"] == 0.0 and math.isnan(spleen["hd95"])
+    # Missed: Dice 0, HD95 = the reference image's diagonal, (4, 6, 6) voxels of (2.0, 0.9, 0.8) mm (z, y, x)
+    assert spleen["dice"] == 0.0 and bool(spleen["missed"]) and not spleen["spurious"]
+    assert spleen["hd95"] == pytest.approx(math.sqrt(8.0**2 + 5.4**2 + 4.8**2))
     assert len(frame) == 2
 
     # Execute: a model that outputs only the liver is scored on the liver only
@@ -170,3 +243,49 @@ def test_evaluate_site_rejects_wrong_geometry(tmp_path):
             out_csv=tmp_path / "m.csv",
         )
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_evaluate_site_flags_spurious_and_absent_organs(tmp_path):
+    # Prepare: site labels liver (1), spleen (2), pancreas (3); case c1 has only the liver in its reference.
+    # The prediction has the liver, a spurious spleen voxel, and no pancreas (absent from both).
+    ref = np.zeros((3, 5, 5), dtype=np.uint8)
+    ref[1, 1:3, 1:3] = 1
+    pred = np.zeros_like(ref)
+    pred[1, 1:3, 1:3] = 1
+    pred[0, 4, 4] = 2
+    spacing_xyz = (0.5, 0.5, 3.0)
+    _write(ref, tmp_path / "lab.nii.gz", spacing=spacing_xyz)
+    (tmp_path / "pred").mkdir()
+    _write(pred, tmp_path / "pred" / "c1.nii.gz", spacing=spacing_xyz)
+    manifest = {"cases": [{"case": "c1", "label": "lab.nii.gz"}], "test": ["c1"]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    # Execute
+    frame = evaluate_site(
+        predictions_dir=tmp_path / "pred",
+        manifest_path=tmp_path / "manifest.json",
+        labels={"liver": [1], "spleen": [2], "pancreas": [3]},
+        model="pretrain",
+        site="s",
+        out_csv=tmp_path / "m.csv",
+        hd95_convention="pooled",
+    )
+    # Assert
+    rows = pd.read_csv(tmp_path / "m.csv").set_index("organ")
+    assert rows.loc["liver", "dice"] == 1.0 and rows.loc["liver", "hd95"] == 0.0
+    assert rows.loc["spleen", "dice"] == 0.0 and bool(rows.loc["spleen", "spurious"])
+    assert not rows.loc["spleen", "missed"]
+    # image diagonal: (3, 5, 5) voxels of (3.0, 0.5, 0.5) mm
+    assert rows.loc["spleen", "hd95"] == pytest.approx(math.sqrt(9.0**2 + 2.5**2 + 2.5**2))
+    assert rows.loc["pancreas", "dice"] == 1.0 and math.isnan(rows.loc["pancreas", "hd95"])
+    assert not rows.loc["pancreas", "missed"] and not rows.loc["pancreas", "spurious"]
+    assert set(frame["hd95_convention"]) == {"pooled"}
+    with pytest.raises(ValueError, match="unknown HD95 convention"):
+        evaluate_site(
+            predictions_dir=tmp_path / "pred",
+            manifest_path=tmp_path / "manifest.json",
+            labels={"liver": [1]},
+            model="pretrain",
+            site="s",
+            out_csv=tmp_path / "m2.csv",
+            hd95_convention="median",
+        )

@@ -1,16 +1,13 @@
-"""Paper names, tables from a hand-made metrics frame ('-' for missing models), figures written."""
+"""Paper names and tables from a hand-made metrics frame ('-' for missing models); figures: test_figures."""
 
 from __future__ import annotations
 
-import json
 import math
+import re
 
-import numpy as np
 import pandas as pd
 import pytest
-import SimpleITK as sitk
 
-from fedpsmos.paper.figures import curve_label, make_figures, models_from_prediction_dirs
 from fedpsmos.paper.models import model_name, parse_model_id
 from fedpsmos.paper.tables import make_tables, table2_losses, table5_settings, write_table
 
@@ -86,7 +83,7 @@ def test_table5_iterations_and_time(tmp_path):
 def test_make_tables_writes_every_format(tmp_path):
     # Prepare
     csv = tmp_path / "metrics.csv"
-    _metrics().to_csv(csv, index=False)
+    _metrics().assign(missed=False, spurious=False, hd95_convention="max").to_csv(csv, index=False)
     # Execute
     paths = make_tables(
         [csv, tmp_path / "not_run.csv"],
@@ -105,10 +102,11 @@ def test_make_tables_writes_every_format(tmp_path):
     )
     md = (tmp_path / "paper" / "table2.md").read_text()
     assert "combinations run: Dice+CE, Dice+CE+Lovasz" in md
-    assert "| 0.700 | 3.00 |" in md and "| - | - |" in md
+    assert "| 0.700 ± 0.141 | 3.00 ± 1.41 |" in md and "| - | - |" in md
     tex = (tmp_path / "paper" / "table3.tex").read_text()
     assert "\\begin{tabular}" in tex and "FL + adaptation (decoder) (best mode)" in tex
-    assert "dice\\_ce" not in tex or "\\_" in tex
+    # Every underscore is escaped (model and loss names hold them).
+    assert "_" in tex and re.search(r"(?<!\\)_", tex) is None
     csv3 = pd.read_csv(tmp_path / "paper" / "table4.csv", keep_default_na=False)
     assert (csv3.loc[csv3["model"] == "site alone", "liver DC"] == "-").all()
 
@@ -118,67 +116,3 @@ def test_write_table_escapes_latex(tmp_path):
     write_table(df, tmp_path / "t", "50% of x_y")
     tex = (tmp_path / "t.tex").read_text()
     assert "a\\_b \\& c" in tex and "50\\% of x\\_y" in tex and "0.912" in tex
-
-
-def test_make_figures(tmp_path):
-    # Prepare: metrics, a curve, a manifest with one test case and one prediction
-    csv = tmp_path / "metrics.csv"
-    _metrics().to_csv(csv, index=False)
-    curve = tmp_path / "models" / "site_alone" / "site2" / "curve.csv"
-    curve.parent.mkdir(parents=True)
-    curve.write_text("epoch,loss,lr\n0,1.0,0.01\n1,0.5,0.008\n")
-    rounds = tmp_path / "models" / "federated" / "V2" / "rounds.csv"
-    rounds.parent.mkdir(parents=True)
-    rounds.write_text("round,loss,n_sites\n1,0.9,5\n2,0.7,5\n")
-    label = np.zeros((4, 16, 16), np.uint8)
-    label[2, 4:9, 4:9] = 1
-    for name, array in (("img", np.full(label.shape, 40, np.int16)), ("lab", label)):
-        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / f"{name}.nii.gz"))
-    pred_dir = tmp_path / "federated" / "V2" / "site2" / "predictions"
-    pred_dir.mkdir(parents=True)
-    sitk.WriteImage(sitk.GetImageFromArray(label), str(pred_dir / "c.nii.gz"))
-    manifest = {
-        "site": "site2",
-        "root": str(tmp_path),
-        "labels": {"liver": [1]},
-        "test": ["c"],
-        "cases": [{"case": "c", "image": "img.nii.gz", "label": "lab.nii.gz"}],
-    }
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    # Execute
-    paths = make_figures(
-        [csv],
-        tmp_path / "paper",
-        curves=[curve, tmp_path / "models" / "pretrain" / "curve.csv"],
-        federated_curves=[rounds],
-        manifests=[tmp_path / "manifest.json"],
-        qualitative_models=["federated/V2", "site_alone"],
-        prediction_pattern=str(tmp_path) + "/{model}/{site}/predictions/{case}.nii.gz",
-    )
-    # Assert
-    names = sorted(p.name for p in paths)
-    assert names == sorted(
-        [
-            "fig_dice_per_organ.png",
-            "fig_dice_per_organ.pdf",
-            "fig_qualitative.png",
-            "fig_qualitative.pdf",
-            "fig_training_curves.png",
-            "fig_federated_curves.png",
-        ]
-    )
-    assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] in (b"\x89PNG", b"%PDF") for p in paths)
-
-
-def test_labels_from_paths():
-    assert curve_label("results/models/site_alone/site3/curve.csv") == "site alone (site3)"
-    assert (
-        curve_label("results/models/adapted/decoder/site2/curve.csv") == "FL + adaptation (decoder) (site2)"
-    )
-    assert curve_label("results/models/central/dice_ce/curve.csv") == model_name("central/dice_ce")
-    dirs = [
-        "results/adapted/full/site1/predictions",
-        "results/pretrain/site2/predictions",
-        "results/federated/V2/site1/predictions",
-    ]
-    assert models_from_prediction_dirs(dirs) == ["pretrain", "federated/V2", "adapted/full"]

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from fedpsmos.paper.tables import display_table
 from tests.workflow_helpers import REPO, snakemake
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -265,9 +266,13 @@ def test_report_shows_every_table_and_figure_with_its_caption(tiny_run: Path, tm
             entry = tables[(f"Table {n} | {ext.upper()}", f"table{n}.{ext}")]
             assert first_sentence(CAPTIONS / f"table{n}.rst") in entry["caption"]
             assert len(entry["literal"]) == 1, (n, ext)
-            rows = [line for line in entry["literal"][0].splitlines() if line.startswith("| ")]
-            assert rows[0] == "| " + " | ".join(csv.columns) + " |", (n, ext)
-            model = list(csv.columns).index("model")
+            # The first pipe table is the results table as displayed (mean ± sd cells, no p-value columns).
+            lines = entry["literal"][0].splitlines()
+            start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+            rows = [line for line in lines[start:] if line.startswith("| ")][: len(csv) + 1]
+            shown = list(display_table(pd.read_csv(tiny_run / "results" / "paper" / f"table{n}.csv")).columns)
+            assert rows[0] == "| " + " | ".join(shown) + " |", (n, ext)
+            model = shown.index("model")
             assert [row[2:-2].split(" | ")[model] for row in rows[1:]] == list(csv["model"]), (n, ext)
 
     # The paper's figures, each decoded as an image at the PNG's size, with its caption.

@@ -1,10 +1,12 @@
-"""Per-case, per-organ Dice and HD95 of a model on a site's test split (paper Section 3, DESIGN.md "Metrics").
+"""Per-case, per-organ Dice and HD95 of a model on a site's test split (paper Section 3).
 
 The reference is the site's raw label file (original geometry) mapped to the global classes with the site's
 label map, so metrics are computed in the original spacing. Only the organs the site labels are scored: the
 other organs are present in its images but unlabelled, so its reference cannot judge them. A model that
 outputs only some organs (site-alone) is scored only on those (``model_organs``). Empty masks follow
-:mod:`fedpsmos.evaluation.metrics`.
+:mod:`fedpsmos.evaluation.metrics`: a missed organ (reference present, prediction empty) or a spurious one
+(reference empty, prediction present) gets Dice 0 and the HD95 penalty, the diagonal of the reference image in
+mm, and is flagged in the ``missed`` / ``spurious`` columns so tables can count it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -20,10 +23,23 @@ import SimpleITK as sitk
 
 from fedpsmos.atomic import atomic_path
 from fedpsmos.data.label_map import apply_label_map_image
-from fedpsmos.evaluation.metrics import dice, hd95
+from fedpsmos.evaluation.metrics import DEFAULT_HD95, check_convention, dice, hd95, image_diagonal
 from fedpsmos.organs import CLASS_INDEX, labelled_organs
 
 COLUMNS = ("model", "site", "case", "organ", "dice", "hd95")
+# Written after COLUMNS: whether the case was a missed or spurious organ (HD95 is then the penalty) and the
+# HD95 convention, so a table built from the CSV can count misses and state the convention it averages.
+FLAG_COLUMNS = ("missed", "spurious", "hd95_convention")
+
+
+class OrganScore(NamedTuple):
+    """Scores of one organ in one case (:func:`evaluate_case`)."""
+
+    organ: str
+    dice: float
+    hd95: float
+    missed: bool
+    spurious: bool
 
 
 def _resolve(path: str, manifest_path: Path, root: str | None) -> Path:
@@ -78,24 +94,43 @@ def _check_geometry(pred: sitk.Image, ref: sitk.Image, pred_path: Path) -> None:
 
 
 def evaluate_case(
-    pred: np.ndarray, ref: np.ndarray, organs: Sequence[str], spacing_zyx: Sequence[float]
-) -> list[tuple[str, float, float]]:
-    """``(organ, dice, hd95)`` for each organ on global-class label maps of one case.
+    pred: np.ndarray,
+    ref: np.ndarray,
+    organs: Sequence[str],
+    spacing_zyx: Sequence[float],
+    *,
+    convention: str = DEFAULT_HD95,
+) -> list[OrganScore]:
+    """Dice, HD95 and the missed/spurious flags of each organ on global-class label maps of one case.
+
+    A missed or spurious organ's HD95 is the diagonal of this (the reference) image in mm.
 
     Parameters
     ----------
     pred, ref:
-        Global-class label maps ``[Z, Y, X]`` on the same grid.
+        Global-class label maps ``[Z, Y, X]`` on the same grid (the reference image's).
     organs:
         Organs to score.
     spacing_zyx:
         Voxel spacing (z, y, x) in mm.
+    convention:
+        HD95 convention, ``max`` or ``pooled`` (:mod:`fedpsmos.evaluation.metrics`).
     """
+    penalty = image_diagonal(ref.shape, spacing_zyx)
     rows = []
     for organ in organs:
         value = CLASS_INDEX[organ]
         p, r = pred == value, ref == value
-        rows.append((organ, dice(p, r), hd95(p, r, spacing_zyx)))
+        p_any, r_any = bool(p.any()), bool(r.any())
+        rows.append(
+            OrganScore(
+                organ,
+                dice(p, r),
+                hd95(p, r, spacing_zyx, convention=convention, penalty=penalty),
+                missed=r_any and not p_any,
+                spurious=p_any and not r_any,
+            )
+        )
     return rows
 
 
@@ -108,6 +143,7 @@ def evaluate_site(
     site: str,
     out_csv: str | os.PathLike[str],
     model_organs: Sequence[str] | None = None,
+    hd95_convention: str = DEFAULT_HD95,
 ) -> pd.DataFrame:
     """Score a model's predictions of a site's test cases; write a tidy CSV and return it.
 
@@ -122,10 +158,16 @@ def evaluate_site(
     model, site:
         Values of the ``model`` (model id, e.g. ``adapted/decoder``) and ``site`` columns.
     out_csv:
-        Output CSV with columns ``model, site, case, organ, dice, hd95`` (HD95 in mm), written atomically.
+        Output CSV, written atomically, with columns ``model, site, case, organ, dice, hd95`` (HD95 in mm,
+        the penalty for a missed or spurious organ, NaN when the organ is absent from both), ``missed``
+        (reference present, prediction empty), ``spurious`` (reference empty, prediction present) and
+        ``hd95_convention``.
     model_organs:
         Organs the model outputs, when not all (site-alone models); ``None``: all.
+    hd95_convention:
+        ``max`` or ``pooled`` (config ``evaluation.hd95``; :mod:`fedpsmos.evaluation.metrics`).
     """
+    check_convention(hd95_convention)
     organs = [o for o in labelled_organs(labels) if model_organs is None or o in set(model_organs)]
     if not organs:
         raise ValueError(f"{manifest_path}: site {site} labels none of the organs model {model} outputs")
@@ -140,9 +182,9 @@ def evaluate_site(
         ref = apply_label_map_image(ref_image, labels)
         pred = sitk.GetArrayFromImage(pred_image)
         spacing_zyx = ref_image.GetSpacing()[::-1]
-        for organ, dc, hd in evaluate_case(pred, ref, organs, spacing_zyx):
-            rows.append((model, site, case, organ, dc, hd))
-    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+        for score in evaluate_case(pred, ref, organs, spacing_zyx, convention=hd95_convention):
+            rows.append((model, site, case, *score, hd95_convention))
+    frame = pd.DataFrame(rows, columns=[*COLUMNS, *FLAG_COLUMNS])
     with atomic_path(out_csv) as tmp:
         frame.to_csv(tmp, index=False)
     return frame

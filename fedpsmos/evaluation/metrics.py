@@ -1,18 +1,32 @@
-"""Dice and HD95 on binary masks, pure NumPy (paper, Section 3: DC and HD95; DESIGN.md "Metrics").
+"""Dice and HD95 on binary masks, pure NumPy (paper, Section 3: DC and HD95).
 
-Empty-mask policy (stated in the README too):
+Empty-mask policy (stated in the README and in every table caption too):
 
-- both masks empty (the organ is absent and none is predicted): Dice 1.0, HD95 0.0;
-- exactly one empty (the organ is missed, or predicted where there is none): Dice 0.0, HD95 NaN, because a
-  surface distance to nothing is undefined. Tables average HD95 over the cases where it is defined (NaN is
-  skipped) and Dice over all cases, so a missed organ still costs Dice.
+- both masks empty (the organ is absent and none is predicted): Dice 1.0, HD95 NaN, because there is no
+  surface to measure; tables leave these cases out of the HD95 mean (they still count in the Dice mean);
+- exactly one empty (a *missed* organ: reference present, prediction empty; or a *spurious* one: reference
+  empty, prediction present): Dice 0.0 and HD95 = the diagonal of the image in mm
+  (:func:`image_diagonal`), the largest distance two voxels of that image can have. Leaving such a case out
+  (NaN) would reward a model that predicts nothing with the best mean HD95; the penalty keeps it in the mean
+  at the worst value the image allows, and :func:`fedpsmos.evaluation.evaluate.evaluate_site` flags it.
 
-HD95 follows medpy's ``hd95``: the surfaces are the mask voxels removed by one binary erosion with the
-6-connected structure (masks touching the array border keep their border voxels as surface); the directed
-distances from each surface voxel of one mask to the nearest surface voxel of the other are computed in mm
-with ``distance_transform_edt(sampling=spacing)``; the distances of both directions are pooled and their 95th
-percentile (NumPy's linear interpolation) is returned. MONAI instead takes the larger of the two directed
-95th percentiles; on the same masks that is greater than or equal to the pooled value.
+Surfaces are the mask voxels removed by one binary erosion with the 6-connected structure (masks touching
+the array border keep their border voxels as surface); the directed distances from each surface voxel of one
+mask to the nearest surface voxel of the other are computed in mm with
+``distance_transform_edt(sampling=spacing)``. Two conventions turn them into one number (config
+``evaluation.hd95``):
+
+- ``max`` (default): the larger of the two directed 95th percentiles. This is what MONAI's
+  ``compute_hausdorff_distance(percentile=95)`` and DeepMind's ``surface-distance``
+  (``compute_robust_hausdorff(..., 95)``) return, and so the figure challenge reports and nnU-Net users quote;
+  comparing our numbers with theirs needs the same definition. (DeepMind's package weights surface elements
+  by their area and reads its percentile off the cumulative area, so its values can differ slightly from
+  MONAI's voxel count on the same masks.)
+- ``pooled``: medpy's ``hd95``, the 95th percentile of both directions' distances pooled together. It is
+  never larger than ``max``, and on masks with a one-sided outlier it can be tens of mm lower, so the two
+  are not interchangeable.
+
+Percentiles use NumPy's linear interpolation, as MONAI and medpy do.
 """
 
 from __future__ import annotations
@@ -84,10 +98,57 @@ def _union_box(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...]:
     )
 
 
-def hd95(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float]) -> float:
-    """Symmetric 95th-percentile Hausdorff distance in mm, pooled over both directions (module docstring).
+HD95_CONVENTIONS = ("max", "pooled")
+DEFAULT_HD95 = "max"
 
-    Both empty: 0.0; exactly one empty: NaN.
+
+def check_convention(convention: str) -> str:
+    """Return ``convention`` if it is one of :data:`HD95_CONVENTIONS`, else raise ``ValueError``.
+
+    Parameters
+    ----------
+    convention:
+        ``max`` or ``pooled`` (module docstring).
+    """
+    if convention not in HD95_CONVENTIONS:
+        raise ValueError(f"unknown HD95 convention {convention!r} (expected one of {list(HD95_CONVENTIONS)})")
+    return convention
+
+
+def _check_spacing(spacing_zyx: Sequence[float]) -> None:
+    """Reject spacings that are not three positive finite numbers."""
+    if len(spacing_zyx) != 3 or any(not np.isfinite(s) or s <= 0 for s in spacing_zyx):
+        raise ValueError(f"spacing must be 3 positive values (z, y, x), got {list(spacing_zyx)}")
+
+
+def image_diagonal(shape_zyx: Sequence[int], spacing_zyx: Sequence[float]) -> float:
+    """Diagonal of an image in mm, ``sqrt(sum((size * spacing)^2))``: the HD95 of a missed or spurious organ.
+
+    Parameters
+    ----------
+    shape_zyx:
+        Image size in voxels (z, y, x).
+    spacing_zyx:
+        Voxel spacing (z, y, x) in mm.
+    """
+    _check_spacing(spacing_zyx)
+    if len(shape_zyx) != 3:
+        raise ValueError(f"shape must be 3 sizes (z, y, x), got {list(shape_zyx)}")
+    extent = np.asarray(shape_zyx, dtype=np.float64) * np.asarray(spacing_zyx, dtype=np.float64)
+    return float(np.sqrt(np.sum(extent**2)))
+
+
+def hd95(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing_zyx: Sequence[float],
+    *,
+    convention: str = DEFAULT_HD95,
+    penalty: float | None = None,
+) -> float:
+    """95th-percentile Hausdorff distance in mm under ``convention`` (module docstring).
+
+    Both masks empty: NaN; exactly one empty: ``penalty``.
 
     Parameters
     ----------
@@ -95,20 +156,27 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float]) -> flo
         Predicted and reference masks ``[Z, Y, X]`` of the same shape.
     spacing_zyx:
         Voxel spacing (z, y, x) in mm (the original image's, so distances are in the original geometry).
+    convention:
+        ``max`` (larger directed 95th percentile, MONAI) or ``pooled`` (both directions pooled, medpy).
+    penalty:
+        Value when exactly one mask is empty; ``None``: the diagonal of the masks' image
+        (:func:`image_diagonal` of their shape), which is the original image when the masks are full-size.
     """
+    check_convention(convention)
     p, r = _binary(pred, "pred"), _binary(ref, "ref")
     if p.shape != r.shape:
         raise ValueError(f"pred {p.shape} and ref {r.shape} differ in shape")
-    if len(spacing_zyx) != 3 or any(not np.isfinite(s) or s <= 0 for s in spacing_zyx):
-        raise ValueError(f"spacing must be 3 positive values (z, y, x), got {list(spacing_zyx)}")
+    _check_spacing(spacing_zyx)
     p_any, r_any = bool(p.any()), bool(r.any())
     if not p_any and not r_any:
-        return 0.0
-    if not p_any or not r_any:
         return float("nan")
+    if not p_any or not r_any:
+        return image_diagonal(p.shape, spacing_zyx) if penalty is None else float(penalty)
     # Every surface voxel lies in the union's bounding box; one voxel of margin keeps the erosion at the crop
     # edge identical to the full array's, so cropping changes no distance and saves most of the EDT work.
     box = _union_box(p, r)
     p, r = p[box], r[box]
-    pooled = np.concatenate([surface_distances(p, r, spacing_zyx), surface_distances(r, p, spacing_zyx)])
-    return float(np.percentile(pooled, 95))
+    forward, backward = surface_distances(p, r, spacing_zyx), surface_distances(r, p, spacing_zyx)
+    if convention == "pooled":
+        return float(np.percentile(np.concatenate([forward, backward]), 95))
+    return float(max(np.percentile(forward, 95), np.percentile(backward, 95)))

@@ -39,5 +39,6 @@ rule evaluate_site:
         labels=get_site_labels,
         model="{model}",
         site="{site}",
+        hd95=config.get("evaluation", {}).get("hd95", "max"),
     script:
         "../../scripts/evaluate_site.py"
