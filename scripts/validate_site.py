@@ -3,7 +3,7 @@
 import logging
 import sys
 
-from fedpsmos.data.validation import build_manifest
+from fedpsmos.data.validation import SplitSettings, build_manifest
 
 
 def main(snakemake) -> None:
@@ -15,11 +15,11 @@ def main(snakemake) -> None:
         source=params.source,
         root=params.root,
         labels=dict(params.labels),
-        test_fraction=float(params.test_fraction),
+        split=SplitSettings.from_config(dict(params.split)),
         seed=int(params.seed),
     )
-    train, test = len(manifest["train"]), len(manifest["test"])
-    logging.info("%s: %d train, %d test cases", manifest["site"], train, test)
+    train, validation, test = (len(manifest[k]) for k in ("train", "validation", "test"))
+    logging.info("%s: %d train, %d validation, %d test cases", manifest["site"], train, validation, test)
 
 
 if "snakemake" in globals():

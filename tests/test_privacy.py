@@ -1,6 +1,7 @@
 """The privacy boundary of the federated rounds.
 
-DESIGN.md: each site's data is read only by that site's rules; the aggregation rule reads only model weights.
+docs/design.md "The pipeline and the privacy boundary": each site's data is read only by that site's
+rules; the aggregation rule reads only model weights.
 """
 
 from __future__ import annotations
@@ -18,8 +19,20 @@ import torch
 
 from fedpsmos.federated import aggregation, paths, rounds, site_round
 from fedpsmos.network import NetworkSpec, build_network
+from fedpsmos.organs import ORGANS
 from fedpsmos.training.checkpoint import load_checkpoint
-from tests.test_rounds import ITERS, LOSS, PATCH, SEED, TRAINING, make_m0, make_sites, run_rounds
+from fedpsmos.training.selection import score_on_validation
+from tests.test_rounds import (
+    ITERS,
+    LOSS,
+    PATCH,
+    SEED,
+    TRAINING,
+    make_m0,
+    make_sites,
+    run_rounds,
+    validation_of,
+)
 
 torch.set_num_threads(1)
 
@@ -135,7 +148,8 @@ def test_site_round_opens_only_its_own_files(
         "global_path": paths.global_model_path(setting, 1),
         "private_in": paths.private_state_path(setting, "site1", 1),
         "manifest": root / "data" / "site1" / "manifest.json",
-        "cases": [str(p) for p in sites["site1"].npz_paths.values()],
+        "cases": [str(p) for p in sites["site1"].npz_paths.values()]
+        + [str(v.npz) for v in validation_of(sites["site1"])],
         "patches": sites["site1"].patches,
     }
     with recording(monkeypatch) as opened:
@@ -159,6 +173,7 @@ def test_site_round_opens_only_its_own_files(
     ours = [p for p in read if root in p.parents]
     # Assert: the hook saw the site's own data (so it works) and nothing of site2
     assert {p.resolve() for p in sites["site1"].npz_paths.values()} <= read
+    assert {v.npz.resolve() for v in validation_of(sites["site1"])} <= read  # it scored its validation case
     assert sites["site1"].patches.resolve() in read
     assert paths.private_state_path(setting, "site1", 1).resolve() in read
     assert paths.site_input_violations([str(p) for p in ours], "site1", ["site1", "site2"]) == []
@@ -167,3 +182,41 @@ def test_site_round_opens_only_its_own_files(
     assert paths.site_input_violations(flat, "site1", ["site1", "site2"]) == []
     assert paths.site_input_violations(flat, "site2", ["site1", "site2"]) != []
     assert not [p for p in ours if "site2" in str(p.relative_to(root))]
+
+
+def test_validation_scorer_opens_only_the_given_cases(
+    one_round: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: site1's validation cases and a model
+    cases = validation_of(one_round["sites"]["site1"])
+    spec = NetworkSpec.from_dict(
+        load_checkpoint(paths.global_model_path(one_round["setting"], 1))["meta"]["network"]
+    )
+    model = build_network(spec)
+    # Execute
+    with recording(monkeypatch) as opened:
+        score = score_on_validation(model, cases, organs=ORGANS, patch_size=PATCH, device="cpu")
+    # Assert: exactly the validation files, nothing of site2, nothing of site1's training data
+    ours = {p for p in _resolved(opened) if one_round["root"].resolve() in p.parents}
+    assert ours == {c.npz.resolve() for c in cases} and 0.0 <= score <= 1.0
+
+
+def test_selection_state_stays_private_and_out_of_the_aggregator_files(one_round: dict[str, Any]) -> None:
+    # Prepare
+    setting = one_round["setting"]
+    # Execute
+    private = load_checkpoint(paths.private_state_path(setting, "site1", 1))
+    site_file = load_checkpoint(paths.site_model_path(setting, 1, "site1"))
+    # Assert: the best model lives in the private state; the site file the aggregator reads carries only
+    # per-organ Dice scalars, never the selection or its weights
+    assert private["meta"]["best"]["which"] in ("global", "local") and private["best_model"]
+    assert "best" not in site_file["meta"] and set(site_file) == {"model", "meta", "integrity"}
+    final_private = paths.private_state_path(setting, "site1", 1)
+    assert paths.aggregator_input_violations([final_private]) != []
+    assert (
+        paths.site_input_violations(
+            [final_private, paths.global_model_path(setting, 1)], "site1", ["site1", "site2"]
+        )
+        == []
+    )
+    assert paths.site_input_violations([final_private], "site2", ["site1", "site2"]) != []

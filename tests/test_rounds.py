@@ -19,6 +19,7 @@ from fedpsmos.network import NetworkSpec, build_network
 from fedpsmos.organs import ORGANS, labelled_mask
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
 from fedpsmos.training.sampler import SiteData
+from fedpsmos.training.selection import ValidationCase, validation_cases_from_manifest
 from fedpsmos.training.trainer import Trainer, TrainSettings
 
 torch.set_num_threads(1)
@@ -66,7 +67,8 @@ def _write_case(path: Path, organs: tuple[str, ...], rng: np.random.Generator) -
 
 
 def make_sites(root: Path) -> dict[str, SiteData]:
-    """Two sites of tiny partially labelled cases with a patch index and manifest each."""
+    """Two sites of tiny partially labelled cases with a patch index and manifest each; each site also holds
+    one validation case (``{site}_val``, in the manifest's ``validation`` list, see :func:`validation_of`)."""
     rng = np.random.default_rng(0)
     out = {}
     for site, (organs, n) in SITES.items():
@@ -77,14 +79,22 @@ def make_sites(root: Path) -> dict[str, SiteData]:
             case = f"{site}_{i:03d}"
             npz[case] = folder / f"{case}.npz"
             frames.append(_write_case(npz[case], organs, rng))
+        _write_case(folder / f"{site}_val.npz", organs, rng)
         index = pd.concat(frames).assign(site=site)
         (root / "patches").mkdir(exist_ok=True)
         index.to_parquet(root / "patches" / f"{site}.parquet")
-        manifest = {"site": site, "train": sorted(npz), "test": []}
+        manifest = {"site": site, "train": sorted(npz), "validation": [f"{site}_val"], "test": []}
         (root / "data" / site).mkdir(parents=True)
         (root / "data" / site / "manifest.json").write_text(json.dumps(manifest))
         out[site] = SiteData(site=site, npz_paths=npz, patches=root / "patches" / f"{site}.parquet")
     return out
+
+
+def validation_of(data: SiteData) -> tuple[ValidationCase, ...]:
+    """The validation cases :func:`make_sites` wrote for a site, from its manifest."""
+    root = Path(data.patches).parent.parent
+    folder = root / "preprocessed" / data.site
+    return validation_cases_from_manifest(data.site, root / "data" / data.site / "manifest.json", folder)
 
 
 def make_m0(path: Path) -> dict[str, torch.Tensor]:
@@ -111,6 +121,7 @@ def run_rounds(setting: Path, sites: dict[str, SiteData], n_rounds: int, policy:
                 round_index=r,
                 out_site=paths.site_model_path(setting, r, site),
                 out_private=paths.private_state_path(setting, site, r),
+                validation=validation_of(data),
             )
         aggregation.aggregate_round(
             previous_global=paths.global_model_path(setting, r - 1),
@@ -189,6 +200,7 @@ def test_round_files_and_record(federation: dict[str, Any]) -> None:
     assert set(record["val_dice"]["site1"]) == {"liver", "spleen"}
     assert set(record["val_dice"]["site2"]) == {"liver"}
     assert all(0.0 <= d <= 1.0 for d in record["val_dice"]["site1"].values())
+    assert set(record["val_dice_local"]["site1"]) == {"liver", "spleen"}
     assert record["losses"]["site1"] > 0
     assert glob["round"] == 2 and glob["network"] == SPEC.to_dict()
     assert site["n_cases"] == 2 and site["local_iterations"] == ITERS and site["failed"] is False
@@ -218,6 +230,7 @@ def test_finalise_writes_model_and_curves(federation: dict[str, Any], tmp_path: 
     assert len(frame) == 3 * 3  # 3 rounds x (site1: 2 organs + site2: 1 organ)
     assert sorted(frame["round"].unique()) == [1, 2, 3]
     assert (tmp_path / "curve.png").stat().st_size > 0
+    assert frame[["val_dice", "val_dice_local"]].notna().all().all()
     with pytest.raises(ValueError, match="records cover rounds"):
         curves.finalise_federation(
             last_global=paths.global_model_path(setting, 3),
@@ -240,6 +253,7 @@ def test_block_equals_rules_and_resumes(federation: dict[str, Any], tmp_path: Pa
         sites=list(sites.values()),
         local=local(),
         plan=RoundPlan(local_iterations=ITERS, seed=SEED, attempts=1, on_site_failure="fail"),
+        validation={s: validation_of(d) for s, d in sites.items()},
     )
     # Execute: the whole block; then "kill" it in round 3 (aggregate missing, a site file half-written,
     # round 3's private state already written) and run it again
@@ -257,6 +271,12 @@ def test_block_equals_rules_and_resumes(federation: dict[str, Any], tmp_path: Pa
     for key in by_rules:
         assert torch.equal(uninterrupted[key], by_rules[key]), key
         assert torch.equal(resumed[key], by_rules[key]), key
+    # ... and so do the sites' running best models and their choices
+    for site in sites:
+        ours = load_checkpoint(paths.private_state_path(setting, site, 3))
+        theirs = load_checkpoint(paths.private_state_path(rules, site, 3))
+        assert ours["meta"]["best"] == theirs["meta"]["best"]
+        assert all(torch.equal(ours["best_model"][k], theirs["best_model"][k]) for k in theirs["best_model"])
     assert before == {p: p.stat().st_mtime_ns for p in before}
     assert [r["round"] for r in records] == [1, 2, 3]
     assert blocks.resume_round(setting, 1, 3, list(sites)) == 4
@@ -462,3 +482,105 @@ def test_round_seed_is_stable_and_distinct() -> None:
     seeds = {site_round.round_seed(0, s, r) for s in ("site1", "site2") for r in range(50)}
     assert len(seeds) == 100
     assert site_round.round_seed(0, "site1", 1) == site_round.round_seed(0, "site1", 1)
+
+
+def test_site_selection_keeps_the_best_of_global_and_local_by_score(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: scripted scores per (round, global/local) for site1; site2 scores 0.5 always
+    script = {
+        "site1": iter([0.3, 0.5, 0.7, 0.6, 0.4, 0.7]),  # best: round 2's incoming global (round_1/global.pt)
+        "site2": iter([0.5] * 6),  # ties keep the first: round 1's incoming global (round_0/global.pt)
+    }
+
+    def scripted(self: site_round.SiteRunner, model: torch.nn.Module) -> tuple[dict[str, float], float]:
+        score = next(script[self.site])
+        return {"liver": score}, score
+
+    monkeypatch.setattr(site_round.SiteRunner, "_score", scripted)
+    sites = make_sites(tmp_path)
+    make_m0(tmp_path / "m0.pt")
+    setting = tmp_path / "federated" / "V"
+    rounds.init_global(tmp_path / "m0.pt", paths.global_model_path(setting, 0))
+    run_rounds(setting, sites, 3)
+    # Execute
+    chosen = {
+        site: site_round.write_selected_model(
+            private_state=paths.private_state_path(setting, site, 3),
+            last_global=paths.global_model_path(setting, 3),
+            out_model=tmp_path / "selected" / f"{site}.pt",
+            site=site,
+            setting="V",
+        )
+        for site in sites
+    }
+    # Assert
+    assert chosen["site1"]["selected"] == {"round": 1, "which": "global", "score": 0.7}
+    assert chosen["site2"]["selected"] == {"round": 0, "which": "global", "score": 0.5}
+    for site, source in (
+        ("site1", paths.global_model_path(setting, 1)),
+        ("site2", paths.global_model_path(setting, 0)),
+    ):
+        written, expected = load_checkpoint(tmp_path / "selected" / f"{site}.pt"), load_checkpoint(source)
+        assert (
+            written["meta"]["kind"] == "federated_selected" and written["meta"]["network"] == SPEC.to_dict()
+        )
+        assert all(torch.equal(written["model"][k], expected["model"][k]) for k in expected["model"])
+    record = json.loads(paths.record_path(setting, 2).read_text())
+    assert record["val_dice"]["site1"] == {"liver": 0.7} and record["val_dice_local"]["site1"] == {
+        "liver": 0.6
+    }
+
+
+def test_site_selection_prefers_local_when_better_and_falls_back_without_validation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: site1 scores its local model of round 1 best; site2 has no validation cases
+    scores = iter([0.1, 0.9])
+    monkeypatch.setattr(
+        site_round.SiteRunner,
+        "_score",
+        lambda self, model: ({}, None) if not self.validation else ({"liver": (s := next(scores))}, s),
+    )
+    sites = make_sites(tmp_path)
+    make_m0(tmp_path / "m0.pt")
+    setting = tmp_path / "federated" / "V"
+    rounds.init_global(tmp_path / "m0.pt", paths.global_model_path(setting, 0))
+    for site, validation in (("site1", validation_of(sites["site1"])), ("site2", ())):
+        site_round.run_site_round(
+            global_path=paths.global_model_path(setting, 0),
+            private_in="",
+            site_data=sites[site],
+            local=local(),
+            plan=RoundPlan(local_iterations=ITERS, seed=SEED, attempts=1, on_site_failure="fail"),
+            round_index=1,
+            out_site=paths.site_model_path(setting, 1, site),
+            out_private=paths.private_state_path(setting, site, 1),
+            validation=validation,
+        )
+    aggregation.aggregate_round(
+        previous_global=paths.global_model_path(setting, 0),
+        site_paths=[paths.site_model_path(setting, 1, s) for s in sites],
+        out_global=paths.global_model_path(setting, 1),
+        out_record=paths.record_path(setting, 1),
+        round_index=1,
+        policy="fail",
+    )
+    # Execute
+    metas = {
+        site: site_round.write_selected_model(
+            private_state=paths.private_state_path(setting, site, 1),
+            last_global=paths.global_model_path(setting, 1),
+            out_model=tmp_path / "selected" / f"{site}.pt",
+            site=site,
+            setting="V",
+        )
+        for site in sites
+    }
+    # Assert
+    assert metas["site1"]["selected"] == {"round": 1, "which": "local", "score": 0.9}
+    assert metas["site2"]["selected"] == {"round": 1, "which": "final", "score": None}
+    local1 = load_checkpoint(paths.site_model_path(setting, 1, "site1"))["model"]
+    written = load_checkpoint(tmp_path / "selected" / "site1.pt")["model"]
+    assert all(torch.equal(written[k], local1[k]) for k in local1)
+    assert "best" not in load_checkpoint(paths.private_state_path(setting, "site2", 1))["meta"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,16 @@ import pytest
 import torch
 
 from fedpsmos.network import NetworkSpec, build_network, decoder_parameters, encoder_parameters
+from fedpsmos.training import trainer as trainer_module
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
 from fedpsmos.training.run import class_map_for, train_from_params
 from fedpsmos.training.schedule import PlateauDecay
+from fedpsmos.training.selection import (
+    case_dice,
+    output_organs,
+    score_on_validation,
+    validation_cases_from_manifest,
+)
 from fedpsmos.training.trainer import Trainer, TrainingError, TrainSettings, train_model
 from tests.test_sampler import write_site
 
@@ -321,3 +329,112 @@ def test_plateau_state_round_trips() -> None:
     with pytest.raises(ValueError, match="plateau schedule state"):
         PlateauDecay(torch.optim.SGD([param], lr=1.0), window=5).load_state_dict(a.state_dict())
     assert np.isclose(a.lr, 0.8)
+
+
+def with_validation(root: Path, site: str, organs: tuple[str, ...], seed: int = 0) -> tuple:
+    """A tiny site whose manifest holds its third case out as a validation case; (SiteData, cases)."""
+    data = write_site(root, site, organs, cases=2, test_cases=1, seed=seed)
+    manifest = root / "data" / site / "manifest.json"
+    content = json.loads(manifest.read_text())
+    content["validation"], content["test"] = content["test"], []
+    manifest.write_text(json.dumps(content))
+    return data, validation_cases_from_manifest(site, manifest, root / "preprocessed" / site)
+
+
+def run_selected(tmp_path: Path, out: str, epochs: int, every: int, hook=None) -> Path:
+    site1, val1 = with_validation(tmp_path, "site1", ALL)
+    site3, val3 = with_validation(tmp_path, "site3", ("spleen",), seed=2)
+    model_path = tmp_path / out / "model.pt"
+    train_model(
+        network=NetworkSpec.from_config(NETWORK, num_classes=6),
+        init=None,
+        sites=[site1, site3],
+        loss_spec=LOSS,
+        settings=TrainSettings.from_config({**TRAINING, "validation_every": every}),
+        epochs=epochs,
+        seed=11,
+        out_model=model_path,
+        out_curve_csv=model_path.parent / "curve.csv",
+        out_curve_png=model_path.parent / "curve.png",
+        meta={"kind": "central", "organs": list(ALL)},
+        patch_size=PATCH,
+        device="cpu",
+        on_epoch_end=hook,
+        validation=[*val1, *val3],
+    )
+    return model_path
+
+
+def test_best_epoch_by_validation_score_is_the_written_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: scripted validation scores, best after epoch 2; the weights of each epoch from resume.pt
+    scores = iter([0.2, 0.9, 0.5])
+    monkeypatch.setattr(trainer_module, "score_on_validation", lambda *a, **k: next(scores))
+    weights = {}
+
+    def keep(epoch: int) -> None:
+        weights[epoch] = load_checkpoint(tmp_path / "run" / "resume.pt")["model"]
+
+    # Execute
+    path = run_selected(tmp_path, "run", epochs=3, every=1, hook=keep)
+    # Assert
+    payload = load_checkpoint(path)
+    assert payload["meta"]["selected_epoch"] == 2
+    assert payload["meta"]["validation_dice"] == [
+        {"epoch": 1, "dice": 0.2},
+        {"epoch": 2, "dice": 0.9},
+        {"epoch": 3, "dice": 0.5},
+    ]
+    assert all(torch.equal(payload["model"][k], weights[2][k]) for k in weights[2])
+    assert any(not torch.equal(payload["model"][k], weights[3][k]) for k in weights[3])
+    with open(path.parent / "curve.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["validation_dice"] for r in rows] == ["0.2", "0.9", "0.5"]
+
+
+def test_killed_training_with_selection_resumes_bit_identically(tmp_path: Path) -> None:
+    # Prepare: validation every 2 epochs and after the last: scored after epochs 2 and 3
+    straight = run_selected(tmp_path, "straight", epochs=3, every=2)
+
+    def kill_after_second(epoch: int) -> None:
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_selected(tmp_path, "resumed", epochs=3, every=2, hook=kill_after_second)
+    assert load_checkpoint(tmp_path / "resumed" / "resume.pt")["best"]["epoch"] == 2
+    epochs_run = []
+    # Execute
+    resumed = run_selected(tmp_path, "resumed", epochs=3, every=2, hook=epochs_run.append)
+    # Assert
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert epochs_run == [3]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["meta"] == b["meta"] and [h["validation_dice"] for h in a["history"]] == [
+        h["validation_dice"] for h in b["history"]
+    ]
+    scored = a["meta"]["validation_dice"]
+    assert [s["epoch"] for s in scored] == [2, 3] and all(0.0 <= s["dice"] <= 1.0 for s in scored)
+    assert a["meta"]["selected_epoch"] == max(scored, key=lambda s: s["dice"])["epoch"]
+    with open(straight.parent / "curve.csv") as handle:
+        assert [r["validation_dice"] == "" for r in csv.DictReader(handle)] == [True, False, False]
+
+
+def test_site_alone_model_scores_only_its_own_classes(tmp_path: Path) -> None:
+    # Prepare: a liver-only site with one validation case, a binary model
+    with_validation(tmp_path, "site2", ("liver",))
+    network = build_network(NetworkSpec.from_config(NETWORK, num_classes=2), seed=0)
+    cases = validation_cases_from_manifest(
+        "site2", tmp_path / "data" / "site2" / "manifest.json", tmp_path / "preprocessed" / "site2"
+    )
+    # Execute
+    per_case = case_dice(
+        network, cases, organs=output_organs(class_map_for(["liver"])), patch_size=PATCH, device="cpu"
+    )
+    # Assert
+    assert [set(c) for c in per_case] == [{"liver"}]
+    assert score_on_validation(
+        network, cases, organs=("liver",), patch_size=PATCH, device="cpu"
+    ) == pytest.approx(per_case[0]["liver"])
+    assert network.training  # the scorer restores the mode

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fedpsmos.data.sources import CaseFiles, DataError
-from fedpsmos.data.validation import build_manifest, split_cases, validate_case
+from fedpsmos.data.validation import SplitSettings, build_manifest, split_cases, validate_case
 from tests.conftest import Geometry, tiny_ct, write_sitk
 
 LABELS = {"liver": [1], "spleen": [2]}
@@ -30,7 +30,8 @@ def _site(root, write_raw_case, n=3, **kwargs):
 
 
 def _manifest(tmp_path, root, labels=LABELS, **kwargs):
-    args = {"site": "s", "source": "nnunet", "root": root, "labels": labels, "test_fraction": 0.34, "seed": 0}
+    split = SplitSettings(test_fraction=0.34)
+    args = {"site": "s", "source": "nnunet", "root": root, "labels": labels, "split": split, "seed": 0}
     return build_manifest(tmp_path / "data" / "manifest.json", **{**args, **kwargs})
 
 
@@ -58,6 +59,7 @@ def test_valid_site_manifest_matches_contract(tmp_path, write_raw_case):
     assert first["sitk_origin"] == pytest.approx([-10.0, 5.0, 30.0])
     assert first["sitk_direction"] == pytest.approx([-1, 0, 0, 0, -1, 0, 0, 0, 1])
     assert {c["case"] for c in manifest["cases"] if c["split"] == "test"} == set(manifest["test"])
+    assert manifest["validation"] == []
     assert list((tmp_path / "data").iterdir()) == [tmp_path / "data" / "manifest.json"]  # no temp files
 
 
@@ -160,20 +162,75 @@ def test_unknown_organ_in_label_map_is_refused(tmp_path, write_raw_case):
         _manifest(tmp_path, tmp_path / "raw", labels={"heart": [1]})
 
 
+def _split(ids, fraction=0.3, seed=0, **kwargs):
+    return split_cases(ids, split=SplitSettings(test_fraction=fraction, **kwargs), seed=seed, site="s")
+
+
 def test_split_is_deterministic_and_keeps_both_sides():
     ids = [f"c{i:02d}" for i in range(10)]
-    a = split_cases(ids, test_fraction=0.3, seed=0, site="s")
-    b = split_cases(list(reversed(ids)), test_fraction=0.3, seed=0, site="s")
-    others = [split_cases(ids, test_fraction=0.3, seed=k, site="s")["test"] for k in range(1, 6)]
+    a = _split(ids)
+    b = _split(list(reversed(ids)))
+    others = [_split(ids, seed=k)["test"] for k in range(1, 6)]
 
-    assert a == b and len(a["test"]) == 3 and sorted(a["train"] + a["test"]) == ids
+    assert a == b and len(a["test"]) == 3 and sorted(a["train"] + a["test"]) == ids and a["validation"] == []
     assert any(t != a["test"] for t in others)  # the seed matters
-    assert split_cases(ids[:2], test_fraction=0.01, seed=0, site="s")["test"] != []
-    assert len(split_cases(ids[:3], test_fraction=0.99, seed=0, site="s")["train"]) == 1
+    assert _split(ids[:2], 0.01)["test"] != []
+    assert len(_split(ids[:3], 0.99)["train"]) == 1
     with pytest.warns(UserWarning, match="single case"):
-        assert split_cases(["only"], test_fraction=0.3, seed=0, site="s") == {"train": ["only"], "test": []}
+        assert _split(["only"]) == {"train": ["only"], "validation": [], "test": []}
     with pytest.raises(ValueError, match="test_fraction"):
-        split_cases(ids, test_fraction=1.0, seed=0, site="s")
+        _split(ids, 1.0)
+
+
+def test_validation_cases_come_from_the_training_cases_disjoint_and_deterministic():
+    ids = [f"c{i:02d}" for i in range(10)]
+    without = _split(ids)
+    with_val = _split(ids, validation_cases=2)
+    again = _split(list(reversed(ids)), validation_cases=2)
+
+    assert with_val == again
+    assert len(with_val["validation"]) == 2 and len(with_val["test"]) == 3 and len(with_val["train"]) == 5
+    # disjoint, covering every case; the test split is the one without validation
+    parts = [set(with_val[k]) for k in ("train", "validation", "test")]
+    assert sum(len(p) for p in parts) == len(set().union(*parts)) == len(ids)
+    assert with_val["test"] == without["test"]
+    assert set(with_val["validation"]) <= set(without["train"])
+    assert any(
+        _split(ids, seed=k, validation_cases=2)["validation"] != with_val["validation"] for k in (1, 2, 3)
+    )
+
+
+def test_split_counts_test_override_and_at_least_one_training_case():
+    ids = [f"c{i:02d}" for i in range(30)]
+    # a per-site test count (paper Table 1: site1 has 6 test cases) overrides the fraction
+    assert len(_split(ids, 0.2, test_cases=6)["test"]) == 6
+    site = SplitSettings.from_config({"test_fraction": 0.2, "validation_cases": 2}, {"test": 6})
+    assert site == SplitSettings(test_fraction=0.2, test_cases=6, validation_cases=2)
+    assert SplitSettings.from_config({"test_fraction": 0.2}).validation_cases == 0
+    # the tiny CI site: 3 cases -> 1 test, 1 validation, 1 training case
+    tiny = _split(ids[:3], 0.34, validation_cases=1)
+    assert [len(tiny[k]) for k in ("train", "validation", "test")] == [1, 1, 1]
+    with pytest.warns(UserWarning, match="validation cases asked"):
+        small = _split(ids[:3], 0.34, validation_cases=5)
+    assert [len(small[k]) for k in ("train", "validation", "test")] == [1, 1, 1]
+
+
+def test_manifest_lists_validation_cases(tmp_path, write_raw_case):
+    root = tmp_path / "raw"
+    _site(root, write_raw_case, n=6)
+
+    manifest = _manifest(tmp_path, root, split=SplitSettings(test_fraction=0.34, validation_cases=1))
+
+    assert len(manifest["validation"]) == 1 and len(manifest["test"]) == 2 and len(manifest["train"]) == 3
+    assert not set(manifest["validation"]) & (set(manifest["train"]) | set(manifest["test"]))
+    by_split = {
+        name: {c["case"] for c in manifest["cases"] if c["split"] == name} for name in manifest_splits()
+    }
+    assert all(by_split[name] == set(manifest[name]) for name in by_split)
+
+
+def manifest_splits():
+    return ("train", "validation", "test")
 
 
 def test_single_case_site_is_train_only(tmp_path, write_raw_case):
@@ -203,7 +260,7 @@ def test_scripts_generate_validate_and_preview_a_synthetic_site(tmp_path):
     _run_script(
         "validate_site.py",
         output={"manifest": str(manifest_path)},
-        params={**common, "source": "synthetic", "root": str(raw), "test_fraction": 0.34},
+        params={**common, "source": "synthetic", "root": str(raw), "split": {"test_fraction": 0.34}},
     )
     _run_script("plot_site_preview.py", input={"manifest": str(manifest_path)}, output={"png": str(png)})
 

@@ -24,6 +24,7 @@ SITE_RULES = {
     "train_site_alone",
     "train_site_round",
     "adapt_model",
+    "select_federated_model",
     "predict_site",
     "evaluate_site",
 }

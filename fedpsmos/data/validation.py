@@ -1,4 +1,6 @@
-"""Check every image/label pair of a site, split it, and write its manifest (DESIGN.md, "validate + split").
+"""Check every image/label pair of a site, split it, and write its manifest.
+
+The site's ``validate_site`` rule (docs/design.md "The pipeline and the privacy boundary").
 
 A case is accepted when its image and label are readable 3-D scalar images on the same grid (size, spacing,
 origin and direction within tolerance), the spacing is positive, the intensities are finite and not
@@ -6,8 +8,11 @@ constant, and the label holds only 0 and the site's declared label values. The f
 site with a one-line :class:`DataError` naming the file and the problem; no manifest is written then.
 
 The split is per site and deterministic: sorted case ids, a permutation seeded by ``(seed, site)``, the first
-``round(test_fraction * n)`` cases (at least one, at most ``n - 1``) to ``test``. The manifest format is the
-one in ``docs/architecture.md``.
+``test_cases`` cases (or ``round(test_fraction * n)``; at least one, at most ``n - 1``) to ``test``, the next
+``validation_cases`` to ``validation`` (a local validation set for best-model selection, taken from what
+would otherwise be training cases, so the test split does not depend on it; reduced, with a warning, so that
+at least one training case remains), the rest to ``train``. The manifest format is the one in
+``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import struct
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,7 @@ from fedpsmos.data.sources import CaseFiles, DataError, list_cases
 from fedpsmos.data.synthetic import site_seed
 from fedpsmos.organs import LabelMapError, labelled_organs
 
-__all__ = ["DataError", "build_manifest", "split_cases", "validate_case"]
+__all__ = ["DataError", "SplitSettings", "build_manifest", "split_cases", "validate_case"]
 
 SPACING_RTOL = 1e-3
 SPACING_ATOL = 1e-3  # mm, also used for the origin
@@ -204,31 +210,79 @@ def validate_case(case: CaseFiles, *, label_values: Iterable[int]) -> dict[str, 
     return info
 
 
+@dataclass(frozen=True, kw_only=True)
+class SplitSettings:
+    """How a site's cases are split (config ``split``, overridden key by key by ``sites.{site}.split``)."""
+
+    test_fraction: float
+    test_cases: int | None = None  # a count overrides the fraction (the paper's Table 1 test counts)
+    validation_cases: int = 0  # held out of training for best-model selection; 0 = no validation
+
+    @classmethod
+    def from_config(
+        cls, split: Mapping[str, Any], site_split: Mapping[str, Any] | None = None
+    ) -> SplitSettings:
+        """Settings from the config's ``split`` section and a site's optional ``split`` override.
+
+        Parameters
+        ----------
+        split:
+            ``{test_fraction, validation_cases?}``.
+        site_split:
+            ``{test?, test_fraction?, validation_cases?}`` of one site; ``test`` is a number of cases.
+        """
+        merged = {**split, **(site_split or {})}
+        test = merged.get("test")
+        return cls(
+            test_fraction=float(merged["test_fraction"]),
+            test_cases=None if test is None else int(test),
+            validation_cases=int(merged.get("validation_cases", 0)),
+        )
+
+
 def split_cases(
-    case_ids: Iterable[str], *, test_fraction: float, seed: int, site: str
+    case_ids: Iterable[str], *, split: SplitSettings, seed: int, site: str
 ) -> dict[str, list[str]]:
-    """Deterministic per-site train/test split: sorted ids, a permutation seeded by ``(seed, site)``.
+    """Deterministic per-site train/validation/test split: sorted ids, a permutation seeded by (seed, site).
 
     Parameters
     ----------
-    case_ids: the site's cases; test_fraction: share of cases to test, in [0, 1); seed: experiment seed;
+    case_ids: the site's cases; split: test fraction or count and validation count; seed: experiment seed;
     site: site name (mixed into the seed so sites do not share one permutation).
-    With at least two cases both splits get one case or more; a single case goes to ``train`` (warning).
+    With at least two cases train and test get one case or more; a single case goes to ``train`` (warning).
+    Validation cases come after the test cases in the permutation, so the test split is the same with or
+    without validation; they are reduced (warning) so that at least one training case remains.
     """
     ids = sorted(case_ids)
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"site {site}: test_fraction must be in [0, 1), got {test_fraction}")
+    if not 0.0 <= split.test_fraction < 1.0:
+        raise ValueError(f"site {site}: test_fraction must be in [0, 1), got {split.test_fraction}")
+    if split.validation_cases < 0 or (split.test_cases is not None and split.test_cases < 1):
+        raise ValueError(f"site {site}: split counts must be >= 0 (test >= 1), got {split}")
     if not ids:
         raise ValueError(f"site {site}: no cases to split")
     if len(ids) == 1:
         warnings.warn(
             f"site {site} has a single case: it goes to train, the test split is empty", stacklevel=2
         )
-        return {"train": ids, "test": []}
-    n_test = min(max(round(test_fraction * len(ids)), 1), len(ids) - 1)
+        return {"train": ids, "validation": [], "test": []}
+    wanted = split.test_cases if split.test_cases is not None else round(split.test_fraction * len(ids))
+    n_test = min(max(wanted, 1), len(ids) - 1)
+    if split.test_cases is not None and n_test != split.test_cases:
+        warnings.warn(f"site {site}: {split.test_cases} test cases asked, {n_test} possible", stacklevel=2)
+    n_val = min(split.validation_cases, len(ids) - n_test - 1)
+    if n_val != split.validation_cases:
+        warnings.warn(
+            f"site {site}: {split.validation_cases} validation cases asked, {n_val} leave a training case",
+            stacklevel=2,
+        )
     order = np.random.default_rng([site_seed(seed, site), 0x5B117]).permutation(len(ids))
     test = {ids[i] for i in order[:n_test]}
-    return {"train": [c for c in ids if c not in test], "test": [c for c in ids if c in test]}
+    validation = {ids[i] for i in order[n_test : n_test + n_val]}
+    return {
+        "train": [c for c in ids if c not in test and c not in validation],
+        "validation": [c for c in ids if c in validation],
+        "test": [c for c in ids if c in test],
+    }
 
 
 def build_manifest(
@@ -238,7 +292,7 @@ def build_manifest(
     source: str,
     root: str | os.PathLike[str],
     labels: Mapping[str, Iterable[int]],
-    test_fraction: float,
+    split: SplitSettings,
     seed: int,
 ) -> dict[str, Any]:
     """Validate every case of a site, split it and write ``manifest.json`` atomically; returns the manifest.
@@ -246,7 +300,7 @@ def build_manifest(
     Parameters
     ----------
     out: manifest path; site: site name; source: ``synthetic``/``nnunet``/``msd``; root: the site's raw
-    folder; labels: the site's label map ``{organ: [values]}``; test_fraction: share of test cases;
+    folder; labels: the site's label map ``{organ: [values]}``; split: test and validation counts;
     seed: experiment seed of the split.
     Stops at the first bad case with :class:`DataError`; nothing is written then.
     """
@@ -258,8 +312,8 @@ def build_manifest(
     label_values = {v for vals in labels.values() for v in vals}
     cases = list_cases(source, root, site=site)
     infos = {c.case: validate_case(c, label_values=label_values) for c in cases}
-    split = split_cases(infos, test_fraction=test_fraction, seed=seed, site=site)
-    test = set(split["test"])
+    parts = split_cases(infos, split=split, seed=seed, site=site)
+    which = {c: name for name in ("train", "validation", "test") for c in parts[name]}
     manifest = {
         "site": site,
         "source": source,
@@ -271,13 +325,14 @@ def build_manifest(
                 "case": c.case,
                 "image": str(c.image),
                 "label": str(c.label),
-                "split": "test" if c.case in test else "train",
+                "split": which[c.case],
                 **infos[c.case],
             }
             for c in cases
         ],
-        "train": split["train"],
-        "test": split["test"],
+        "train": parts["train"],
+        "validation": parts["validation"],
+        "test": parts["test"],
     }
     write_json(out, manifest)
     return manifest

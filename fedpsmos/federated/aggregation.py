@@ -145,6 +145,7 @@ def aggregate_round(
         "local_iterations": {m["site"]: int(m["local_iterations"]) for m in metas},
         "losses": {m["site"]: m.get("mean_loss") for m in metas},
         "val_dice": {m["site"]: dict(m.get("val_dice") or {}) for m in metas},
+        "val_dice_local": {m["site"]: dict(m.get("val_dice_local") or {}) for m in metas},
         # The chain of rounds: which global model this round started from.
         "previous_global_sha256": file_digest(previous_global),
         "provenance": dict(provenance or {}),

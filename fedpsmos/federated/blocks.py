@@ -1,6 +1,6 @@
 """K federated rounds in one job: one worker process per site, FedAvg in the coordinating process.
 
-DESIGN.md "Scale": 2000 rounds x 5 sites is too many jobs for Snakemake and a SLURM queue, so the paper
+docs/design.md "Scale": 2000 rounds x 5 sites is too many jobs for Snakemake and a SLURM queue, so the paper
 config runs blocks of rounds per cluster job. A block keeps the per-round contract of
 :mod:`fedpsmos.federated.rounds` exactly: every round still writes ``round_{r}/{site}.pt``,
 ``private/{site}/round_{r}.pt``, ``round_{r}/global.pt`` and ``round_{r}/record.json``, the site files are
@@ -9,8 +9,8 @@ written by the site's worker, and the coordinator reads them with
 
 The privacy boundary is the process boundary: each worker (``spawn`` context, so nothing is inherited from
 the coordinator's memory) is given only its own site's ``SiteData`` and reads only its own files and the
-global model. It keeps its trainer state in memory between rounds and writes it every round. On CUDA worker
-``i`` takes ``cuda:{i % n_gpus}``.
+global model. It keeps its trainer state (and, with validation cases, its running best model) in memory
+between rounds and writes it every round. On CUDA worker ``i`` takes ``cuda:{i % n_gpus}``.
 
 Resume: a block restarts from the first round in ``first..last`` that is not complete (all of its files
 exist and verify), reloading each site's private state of the round before. Since every local round's
@@ -41,9 +41,11 @@ from fedpsmos.federated.site_round import (
     SiteRunner,
     local_settings,
     site_data_from_files,
+    site_validation_from_files,
 )
 from fedpsmos.training.checkpoint import CheckpointError, load_checkpoint
 from fedpsmos.training.sampler import SiteData
+from fedpsmos.training.selection import ValidationCase
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +92,15 @@ def round_complete(
     return True
 
 
-def block_provenance(local: LocalSettings, plan: RoundPlan, sites: Sequence[str]) -> dict[str, str]:
+def block_provenance(
+    local: LocalSettings,
+    plan: RoundPlan,
+    sites: Sequence[str],
+    validation: Mapping[str, Sequence[ValidationCase]] | None = None,
+) -> dict[str, str]:
     """A digest of everything that shapes a block's rounds besides their input models (loss, training
-    settings, patch size, local iterations, seed, attempts, policy, sites), recorded in every round's record.
+    settings, patch size, local iterations, seed, attempts, policy, sites, validation cases), recorded in
+    every round's record.
 
     Parameters
     ----------
@@ -100,14 +108,16 @@ def block_provenance(local: LocalSettings, plan: RoundPlan, sites: Sequence[str]
         The block's settings.
     sites:
         Site names, in worker order.
+    validation:
+        Each site's validation cases (only their names enter the digest).
     """
     described = {
         "loss": local.loss_spec,
         "settings": repr(local.settings),
         "patch_size": list(local.patch_size),
-        "val_patches": local.val_patches,
         "plan": dataclasses.asdict(plan),
         "sites": list(sites),
+        "validation": {s: [c.case for c in (validation or {}).get(s, ())] for s in sites},
     }
     text = json.dumps(described, sort_keys=True, default=str)
     return {"block_settings_sha256": hashlib.sha256(text.encode()).hexdigest()}
@@ -166,6 +176,7 @@ def run_block(
     local: LocalSettings,
     plan: RoundPlan,
     threads_per_worker: int = 1,
+    validation: Mapping[str, Sequence[ValidationCase]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run rounds ``first..last`` in one job, resuming after the last complete round; return their records.
 
@@ -184,13 +195,16 @@ def run_block(
         Local iterations, seed, attempts, failure policy (:class:`~fedpsmos.federated.site_round.RoundPlan`).
     threads_per_worker:
         ``torch.set_num_threads`` in each worker (CPU runs).
+    validation:
+        ``{site: validation cases}``; worker ``i`` receives only its own site's (none: no selection).
     """
     if not 1 <= first_round <= last_round:
         raise ValueError(f"block rounds must satisfy 1 <= first <= last, got {first_round}..{last_round}")
     names = [str(s.site) for s in sites]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"block sites must be distinct and non-empty, got {names}")
-    provenance = block_provenance(local, plan, names)
+    own: dict[str, tuple[ValidationCase, ...]] = {n: tuple((validation or {}).get(n, ())) for n in names}
+    provenance = block_provenance(local, plan, names, own)
     start = resume_round(setting_dir, first_round, last_round, names, provenance)
     if start > first_round:
         log.info(
@@ -202,7 +216,7 @@ def run_block(
             start,
         )
     if start <= last_round:
-        _run_rounds(setting_dir, start, last_round, sites, local, plan, threads_per_worker, provenance)
+        _run_rounds(setting_dir, start, last_round, sites, local, plan, threads_per_worker, provenance, own)
     return [json.loads(record_path(setting_dir, r).read_text()) for r in range(first_round, last_round + 1)]
 
 
@@ -259,6 +273,10 @@ def run_block_job(
         site_data_from_files(site, manifest, by_site[site], index)
         for site, manifest, index in zip(sites, manifests, patches, strict=True)
     ]
+    validation = {
+        site: site_validation_from_files(site, manifest, by_site[site])
+        for site, manifest in zip(sites, manifests, strict=True)
+    }
     return run_block(
         setting_dir=previous_global.parent.parent,
         first_round=first_round,
@@ -269,6 +287,7 @@ def run_block_job(
             local_iterations=local_iterations, seed=seed, attempts=attempts, on_site_failure=on_site_failure
         ),
         threads_per_worker=threads_per_worker,
+        validation=validation,
     )
 
 
@@ -281,6 +300,7 @@ def _run_rounds(
     plan: RoundPlan,
     threads_per_worker: int,
     provenance: Mapping[str, Any],
+    validation: Mapping[str, tuple[ValidationCase, ...]],
 ) -> None:
     devices = worker_devices(local.device, len(sites))
     ctx = mp.get_context("spawn")
@@ -298,6 +318,7 @@ def _run_rounds(
                     dataclasses.replace(local, device=device),
                     private_in,
                     threads_per_worker,
+                    validation.get(site, ()),
                 ),
                 name=f"fedpsmos-site-{site}",
                 daemon=True,
@@ -356,11 +377,12 @@ def _site_worker(
     local: LocalSettings,
     private_in: Path | None,
     threads: int,
+    validation: tuple[ValidationCase, ...] = (),
 ) -> None:
     """A site's process: load its private state once, then run each round the coordinator asks for."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {site_data.site} %(levelname)s %(message)s")
-    runner = SiteRunner(site_data=site_data, local=local)
+    runner = SiteRunner(site_data=site_data, local=local, validation=validation)
     try:
         runner.load_private(private_in)
     except Exception as exc:  # reported to the coordinator on the first round request

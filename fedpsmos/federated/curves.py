@@ -1,10 +1,12 @@
 """Per-round curves of a federation and its final model file.
 
 The round records (``round_{r}/record.json``) hold, per site, the mean local training loss of the round and
-the validation Dice of the incoming global model on the site's own fixed patch subset (site_round.py). This
-module turns them into one long CSV (``round, site, loss, organ, val_dice``; one row per site and organ,
-``organ`` empty when a site reported no Dice) and a two-panel PNG, and writes the federated model file: the
-last global weights with ``meta.kind = "federated"`` (docs/architecture.md, "Models").
+the validation Dice of the incoming global model and of the site's local model on the site's own validation
+cases (site_round.py). This module turns them into one long CSV (``round, site, failed, weight, loss, organ,
+val_dice, val_dice_local``; one row per site and organ, ``organ`` empty when a site reported no Dice) and a
+PNG drawn by the paper's federated-curves figure (one line per site: loss above, validation Dice below), and
+writes the federated model file: the last global weights with ``meta.kind = "federated"``
+(docs/architecture.md, "Models").
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from fedpsmos.atomic import atomic_path
 from fedpsmos.organs import ORGANS
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
 
-CURVE_COLUMNS = ("round", "site", "failed", "weight", "loss", "organ", "val_dice")
+# val_dice: the incoming global model's Dice on the site's validation cases; val_dice_local: the site's model
+# after its local training (docs/federated.md, "Local validation and best-model selection").
+CURVE_COLUMNS = ("round", "site", "failed", "weight", "loss", "organ", "val_dice", "val_dice_local")
 
 
 def read_records(records: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -66,15 +70,27 @@ def curve_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
                 "loss": math.nan if loss is None else float(loss),
             }
             dice = record.get("val_dice", {}).get(site) or {}
-            if not dice:
-                rows.append({**base, "organ": "", "val_dice": math.nan})
-            for organ, value in dice.items():
-                rows.append({**base, "organ": organ, "val_dice": float(value)})
+            local = record.get("val_dice_local", {}).get(site) or {}
+            if not dice and not local:
+                rows.append({**base, "organ": "", "val_dice": math.nan, "val_dice_local": math.nan})
+            for organ in [*dice, *(o for o in local if o not in dice)]:
+                value, after = dice.get(organ), local.get(organ)
+                rows.append(
+                    {
+                        **base,
+                        "organ": organ,
+                        "val_dice": math.nan if value is None else float(value),
+                        "val_dice_local": math.nan if after is None else float(after),
+                    }
+                )
     return pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
 
 
-def write_curves(frame: pd.DataFrame, out_csv: str | Path, out_png: str | Path) -> None:
-    """Write the curve CSV and a PNG: local loss per site (left), mean validation Dice per site (right).
+def write_curves(frame: pd.DataFrame, out_csv: str | Path, out_png: str | Path, *, setting: str = "") -> None:
+    """Write the curve CSV and its PNG: one line per site, local loss per round (validation Dice below).
+
+    The PNG is the paper's federated-curves figure (:func:`fedpsmos.paper.figures.federated_curves_figure`)
+    for this one setting, so both plots of the federation share one plotter.
 
     Parameters
     ----------
@@ -82,29 +98,14 @@ def write_curves(frame: pd.DataFrame, out_csv: str | Path, out_png: str | Path) 
         :func:`curve_frame` output.
     out_csv, out_png:
         Targets (written atomically).
+    setting:
+        Setting name, the panel title.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fedpsmos.paper.figures import federated_curves_figure, per_site_rounds, save_figure
 
     with atomic_path(out_csv) as tmp:
         frame.to_csv(tmp, index=False)
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    per_site = frame.groupby(["site", "round"], as_index=False).agg(
-        loss=("loss", "first"), dice=("val_dice", "mean")
-    )
-    for site, rows in per_site.groupby("site"):
-        ax_loss.plot(rows["round"], rows["loss"], marker=".", label=str(site))
-        ax_dice.plot(rows["round"], rows["dice"], marker=".", label=str(site))
-    ax_loss.set(xlabel="round", ylabel="mean local training loss", title="local loss")
-    ax_dice.set(
-        xlabel="round", ylabel="Dice (incoming global model)", title="site validation Dice", ylim=(0, 1)
-    )
-    ax_loss.legend(fontsize="small")
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(federated_curves_figure(per_site_rounds(frame, setting or "federation")), out_png)
 
 
 def finalise_federation(
@@ -149,4 +150,4 @@ def finalise_federation(
         "sites": sorted({s for r in parsed for s in r.get("n_cases", {})}),
     }
     save_checkpoint(out_model, {"model": payload["model"], "meta": final_meta})
-    write_curves(curve_frame(parsed), out_curve_csv, out_curve_png)
+    write_curves(curve_frame(parsed), out_curve_csv, out_curve_png, setting=setting or "")

@@ -4,9 +4,10 @@ The global model after a round is the weighted mean of the sites' local models,
 
     w_{t+1} = sum_k (n_k / n) w_{t+1}^k,   n = sum_k n_k,
 
-with ``n_k`` the number of training cases of site ``k`` (DESIGN.md, "Training": weights n_k / n by training
-cases, all floating-point tensors of the state dict averaged). Floating tensors are accumulated in float64
-and cast back to their own dtype, so float16/bfloat16 parameters do not lose precision in the sum.
+with ``n_k`` the number of training cases of site ``k`` (docs/design.md, "Federated averaging": weights
+n_k / n by training cases, all floating-point tensors of the state dict averaged). Floating tensors are
+accumulated in float64 and cast back to their own dtype, so float16/bfloat16 parameters do not lose precision
+in the sum.
 
 Integer and boolean buffers (e.g. BatchNorm's ``num_batches_tracked``) are not parameters and have no
 meaningful mean. Policy: they take the element-wise **maximum** over sites (``any`` for booleans). Every

@@ -24,9 +24,10 @@ Choices the paper leaves open (docs/federated.md):
 - **Fault policy.** A site gets ``attempts`` in-process attempts from the same starting state. If all fail,
   ``fail`` raises (the round fails) and ``skip`` writes the incoming global weights marked ``failed`` and
   the unchanged private state; the aggregator then renormalises the weights over the remaining sites.
-- **Validation Dice.** Before training, a site scores the *incoming* global model on a fixed seeded subset
-  of its own patch index (``val_patches`` patches per organ it labels); only the per-organ Dice scalars
-  leave it.
+- **Local validation and best-model selection** (paper Sec. 4.2). A site with validation cases (manifest
+  ``validation``) scores the global model it received and its model after local training on them; only the
+  per-organ Dice scalars leave it. It keeps its best model of the two and of earlier rounds privately and
+  writes it at the end (:func:`~fedpsmos.federated.site_round.write_selected_model`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,17 @@
 """A site's side of a federated round: local training from the global model, on its own data only (Alg. 1).
 
-Round ``r`` at site ``k``: load ``round_{r-1}/global.pt`` and the site's private trainer state, score the
-incoming model on a fixed subset of the site's own patches (:func:`validation_dice`), train
+Round ``r`` at site ``k``: load ``round_{r-1}/global.pt`` and the site's private trainer state, train
 ``local_iterations`` iterations seeded by :func:`round_seed` ``(seed, site, r)``, and write
-``round_{r}/{site}.pt`` (weights and scalar metadata) and ``private/{site}/round_{r}.pt`` (optimiser and
-plateau schedule; never read by the aggregator). A site gets ``attempts`` tries from the same starting state;
-the fault policy and the other open choices are in :mod:`fedpsmos.federated.rounds` and docs/federated.md.
+``round_{r}/{site}.pt`` (weights and scalar metadata) and ``private/{site}/round_{r}.pt`` (optimiser,
+plateau schedule and the site's best model so far; never read by the aggregator). A site gets ``attempts``
+tries from the same starting state; the fault policy and the other open choices are in
+:mod:`fedpsmos.federated.rounds` and docs/federated.md.
+
+Local validation and best-model selection (paper Sec. 4.2): when the site holds validation cases, it scores
+the global model it received and its model after local training on them
+(:mod:`fedpsmos.training.selection`), reports the per-organ Dice of both (``val_dice``, ``val_dice_local``)
+and keeps the better of them and its running best (weights, round, ``global``/``local``, score) in its
+private state; :func:`write_selected_model` writes that model at the end of the federation.
 """
 
 from __future__ import annotations
@@ -19,20 +25,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor
 
 from fedpsmos.federated.rounds import POLICIES, RoundError, load_global
-from fedpsmos.organs import CLASS_INDEX
+from fedpsmos.organs import ORGANS
 from fedpsmos.training.checkpoint import (
     load_checkpoint,
     load_model_state,
     model_state_to_cpu,
     save_checkpoint,
 )
-from fedpsmos.training.sampler import SiteData, crop_patch
+from fedpsmos.training.sampler import SiteData
+from fedpsmos.training.selection import (
+    SelectionError,
+    ValidationCase,
+    case_dice,
+    mean_score,
+    organ_means,
+    validation_cases_from_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +59,7 @@ def round_seed(seed: int, site: str, round_index: int) -> int:
     site:
         Site name.
     round_index:
-        Round number (0 is used for the site's fixed validation subset).
+        Round number.
     """
     digest = hashlib.sha256(f"fedpsmos:{seed}:{site}:{round_index}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
@@ -65,7 +77,6 @@ class LocalSettings:
     settings: Any
     patch_size: tuple[int, int, int]
     device: str = "cpu"
-    val_patches: int = 2
 
 
 @dataclass(frozen=True)
@@ -88,12 +99,15 @@ class SiteRunner:
     """One site's side of the federation: its data, its model object and its private trainer state.
 
     A per-round rule builds one, loads the private state from file and runs one round; a block worker keeps
-    one alive across rounds (the state stays in memory and is also written every round).
+    one alive across rounds (the state stays in memory and is also written every round). ``best`` is the
+    site's running best model (``{"round", "which", "score", "model"}``, module docstring), kept privately.
     """
 
     site_data: SiteData  # this site's data and nothing else
     local: LocalSettings
+    validation: tuple[ValidationCase, ...] = ()  # this site's held-out cases; empty: no selection
     trainer_state: dict[str, Any] | None = None
+    best: dict[str, Any] | None = None
     _model: torch.nn.Module | None = field(default=None, repr=False)
     _network: Any = field(default=None, repr=False)
 
@@ -110,13 +124,14 @@ class SiteRunner:
     def load_private(self, private_in: str | Path | None) -> None:
         """Restore the trainer state from ``private_in`` (``None`` or ``""``: a fresh trainer, round 1)."""
         if private_in is None or str(private_in) == "":
-            self.trainer_state = None
+            self.trainer_state, self.best = None, None
             return
         payload = load_checkpoint(private_in)
         site = payload.get("meta", {}).get("site")
         if site != self.site:
             raise RoundError(f"{private_in}: private state of site {site!r}, expected {self.site!r}")
         self.trainer_state = payload.get("trainer") or None
+        self.best = _best_from_private(payload)
 
     def run_round(
         self,
@@ -176,8 +191,11 @@ class SiteRunner:
             weights, state = global_weights, self.trainer_state
             mean_loss: float | None = None
             val_dice: dict[str, float] = {}
+            val_dice_local: dict[str, float] = {}
         else:
-            weights, state, mean_loss, val_dice = result
+            weights, state, mean_loss, scored = result
+            val_dice, val_dice_local = scored["global"][0], scored["local"][0]
+            self._keep_best(round_index, scored, global_weights, weights)
         meta = {
             "kind": "federated_site",
             "site": self.site,
@@ -186,18 +204,49 @@ class SiteRunner:
             "local_iterations": int(local_iterations),
             "mean_loss": mean_loss,
             "val_dice": val_dice,
+            "val_dice_local": val_dice_local,
             "failed": result is None,
             "attempts": used,
             # Only the exception's type leaves the site: its message may name the site's case files.
             "error": type(error).__name__ if result is None else None,
         }
         save_checkpoint(out_site, {"model": weights, "meta": meta})
-        private_meta = {"site": self.site, "round": round_index, "failed": result is None}
-        # "model" stays empty: a private state holds the optimiser and schedule, never weights.
+        private_meta: dict[str, Any] = {"site": self.site, "round": round_index, "failed": result is None}
+        # "model" stays empty: the round's weights are in the site file; the only weights a private state
+        # holds are the site's own best model, which no other party reads.
         trainer = state if state is not None else {}
-        save_checkpoint(out_private, {"model": {}, "trainer": trainer, "meta": private_meta})
+        private: dict[str, Any] = {"model": {}, "trainer": trainer, "meta": private_meta}
+        if self.best is not None:
+            private_meta["best"] = {k: self.best[k] for k in ("round", "which", "score")}
+            private["best_model"] = self.best["model"]
+        save_checkpoint(out_private, private)
         self.trainer_state = state
         return meta
+
+    def _keep_best(
+        self,
+        round_index: int,
+        scored: Mapping[str, tuple[dict[str, float], float | None]],
+        global_weights: Mapping[str, Tensor],
+        local_weights: Mapping[str, Tensor],
+    ) -> None:
+        """Update the running best with this round's global, then local model.
+
+        A strictly better score replaces the best, so the earlier model wins a tie; the global model of round
+        ``r - 1`` counts before the local model of round ``r``.
+        """
+        for which, weights, file_round in (
+            ("global", global_weights, round_index - 1),
+            ("local", local_weights, round_index),
+        ):
+            score = scored[which][1]
+            if score is not None and (self.best is None or score > self.best["score"]):
+                self.best = {
+                    "round": file_round,
+                    "which": which,
+                    "score": score,
+                    "model": {k: v.detach().to("cpu", copy=True) for k, v in weights.items()},
+                }
 
     def _model_for(self, network: Mapping[str, Any]) -> torch.nn.Module:
         # Built once per runner: a block worker reuses it across rounds, the weights are reloaded each round.
@@ -215,19 +264,11 @@ class SiteRunner:
         round_index: int,
         local_iterations: int,
         seed: int,
-    ) -> tuple[dict[str, Tensor], dict[str, Any], float, dict[str, float]]:
+    ) -> tuple[dict[str, Tensor], dict[str, Any], float, dict[str, tuple[dict[str, float], float | None]]]:
         from fedpsmos.training.trainer import Trainer
 
         load_model_state(model, global_weights, source=f"global model of round {round_index - 1}")
-        val_dice = validation_dice(
-            model,
-            patches=self.site_data.patches,
-            npz_paths=self.site_data.npz_paths,
-            patch_size=self.local.patch_size,
-            per_organ=self.local.val_patches,
-            seed=round_seed(seed, self.site, 0),
-            device=self.local.device,
-        )
+        scored = {"global": self._score(model)}
         seed_r = round_seed(seed, self.site, round_index)
         trainer = Trainer(
             model=model,
@@ -248,7 +289,17 @@ class SiteRunner:
             raise FloatingPointError(f"site {self.site} round {round_index}: local loss is {mean_loss}")
         trainer.end_epoch(mean_loss)  # one plateau step per round (module docstring)
         weights = model_state_to_cpu(model.state_dict())
-        return weights, trainer.state_dict(), mean_loss, val_dice
+        scored["local"] = self._score(model)
+        return weights, trainer.state_dict(), mean_loss, scored
+
+    def _score(self, model: torch.nn.Module) -> tuple[dict[str, float], float | None]:
+        """Per-organ validation Dice and selection score of ``model`` (``{}, None`` without validation)."""
+        if not self.validation:
+            return {}, None
+        per_case = case_dice(
+            model, self.validation, organs=ORGANS, patch_size=self.local.patch_size, device=self.local.device
+        )
+        return organ_means(per_case), mean_score(per_case)
 
 
 def run_site_round(
@@ -261,6 +312,7 @@ def run_site_round(
     round_index: int,
     out_site: str | Path,
     out_private: str | Path,
+    validation: Sequence[ValidationCase] = (),
 ) -> dict[str, Any]:
     """Run one site's local round (the per-(round, site) rule); return the site meta written.
 
@@ -273,11 +325,13 @@ def run_site_round(
     site_data:
         This site's :class:`~fedpsmos.training.sampler.SiteData` (its own files only).
     local:
-        Loss, training settings, patch size, device, validation patches.
+        Loss, training settings, patch size, device.
     plan, round_index, out_site, out_private:
         See :meth:`SiteRunner.run_round`.
+    validation:
+        This site's validation cases (empty: no scoring, no selection).
     """
-    runner = SiteRunner(site_data=site_data, local=local)
+    runner = SiteRunner(site_data=site_data, local=local, validation=tuple(validation))
     runner.load_private(private_in)
     return runner.run_round(
         global_path=global_path,
@@ -333,6 +387,7 @@ def run_site_round_job(
         round_index=round_index,
         out_site=out_site,
         out_private=out_private,
+        validation=site_validation_from_files(site, manifest, cases),
     )
 
 
@@ -382,7 +437,6 @@ def local_settings(
     training: Mapping[str, Any],
     patch_size: Sequence[int],
     device: str | None = None,
-    val_patches: int = 2,
 ) -> LocalSettings:
     """:class:`LocalSettings` from plain config values (the ``training`` section, the loss combination).
 
@@ -396,8 +450,6 @@ def local_settings(
         ``(z, y, x)``.
     device:
         ``cpu``, ``cuda`` or ``cuda:N``; ``None``: :func:`default_device`.
-    val_patches:
-        Validation patches per organ.
     """
     from fedpsmos.training.trainer import TrainSettings
 
@@ -409,75 +461,83 @@ def local_settings(
         settings=TrainSettings.from_config(dict(training)),
         patch_size=size,  # type: ignore[arg-type]
         device=device or default_device(),
-        val_patches=int(val_patches),
     )
 
 
-def validation_dice(
-    model: torch.nn.Module,
-    *,
-    patches: str | Path,
-    npz_paths: Mapping[str, str | Path],
-    patch_size: Sequence[int],
-    per_organ: int,
-    seed: int,
-    device: str = "cpu",
-) -> dict[str, float]:
-    """Per-organ Dice of ``model`` on a fixed seeded subset of a site's own patch index.
-
-    For each organ in the patch index's ``organ`` column, ``per_organ`` of its patches are drawn with
-    ``seed`` (the same every round); the organ's Dice is pooled over its patches, ``2|P and G| / (|P| + |G|)``
-    (1.0 if both are empty). Only these scalars leave the site.
+def site_validation_from_files(
+    site: str, manifest: str | Path, cases: Sequence[str | Path]
+) -> tuple[ValidationCase, ...]:
+    """A site's validation cases from the files a rule was given (every one must be among ``cases``).
 
     Parameters
     ----------
-    model:
-        The network; it is put back in training mode afterwards.
-    patches:
-        The site's patch index (parquet: case, z, y, x, organ, ...).
-    npz_paths:
-        ``{case: preprocessed .npz}`` of the site's training cases.
-    patch_size:
-        ``(z, y, x)`` voxels.
-    per_organ:
-        Patches per organ (0 disables validation and returns ``{}``).
-    seed:
-        Seed of the subset.
-    device:
-        Torch device for the forward passes.
+    site:
+        Site name; must match the manifest.
+    manifest:
+        ``results/data/{site}/manifest.json``; its ``validation`` list (absent or empty: no validation).
+    cases:
+        ``results/preprocessed/{site}/{case}.npz`` handed to the rule.
     """
-    if per_organ <= 0:
-        return {}
-    index = pd.read_parquet(patches, columns=["case", "z", "y", "x", "organ"])
-    index = index[index["case"].isin(list(npz_paths))].sort_values(["organ", "case", "z", "y", "x"])
-    rng = np.random.default_rng(seed)
-    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    scores: dict[str, float] = {}
-    was_training = model.training
-    model.eval()
     try:
-        for organ, rows in index.groupby("organ", sort=True):
-            picked = rows.iloc[np.sort(rng.choice(len(rows), size=min(per_organ, len(rows)), replace=False))]
-            cls = CLASS_INDEX[str(organ)]
-            inter = pred_sum = ref_sum = 0
-            for row in picked.itertuples(index=False):
-                if row.case not in cache:
-                    with np.load(npz_paths[row.case]) as npz:
-                        cache[row.case] = (npz["image"].astype(np.float32, copy=False), npz["label"])
-                image, label = cache[row.case]
-                corner = (int(row.z), int(row.y), int(row.x))
-                # Padding as the sampler pads: air-like minimum intensity, background label.
-                img = torch.from_numpy(crop_patch(image, corner, patch_size, float(image.min()))).to(device)
-                with torch.no_grad():
-                    out = model(img[None, None].float())
-                logits = out[0] if isinstance(out, list | tuple) else out  # full resolution head
-                pred = logits.argmax(dim=1)[0].cpu().numpy() == cls
-                ref = crop_patch(label, corner, patch_size, 0) == cls
-                inter += int(np.logical_and(pred, ref).sum())
-                pred_sum += int(pred.sum())
-                ref_sum += int(ref.sum())
-            denom = pred_sum + ref_sum
-            scores[str(organ)] = 1.0 if denom == 0 else 2.0 * inter / denom
-    finally:
-        model.train(was_training)
-    return scores
+        return validation_cases_from_manifest(site, manifest, list(cases))
+    except SelectionError as error:
+        raise RoundError(str(error)) from None
+
+
+def _best_from_private(payload: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The running best model a private state holds, or ``None``."""
+    meta = payload.get("meta", {}).get("best")
+    if not meta:
+        return None
+    return {**meta, "model": dict(payload["best_model"])}
+
+
+def write_selected_model(
+    *,
+    private_state: str | Path,
+    last_global: str | Path,
+    out_model: str | Path,
+    site: str,
+    setting: str,
+) -> dict[str, Any]:
+    """Write a site's locally selected model after the last round; return its meta.
+
+    The model is the best the site kept in its private state (meta ``round``, ``which`` = ``global`` or
+    ``local``, ``score``: it is bit-identical to ``round_{round}/global.pt`` or ``round_{round}/{site}.pt``).
+    A site that never scored a model (no validation cases) gets the final global model, ``which = "final"``.
+
+    Parameters
+    ----------
+    private_state:
+        ``private/{site}/round_{R}.pt`` of the last round ``R`` (the site's own file).
+    last_global:
+        ``round_{R}/global.pt``.
+    out_model:
+        ``results/models/federated/{setting}/selected/{site}.pt``.
+    site, setting:
+        Names recorded in the meta.
+    """
+    private = load_checkpoint(private_state)
+    if private.get("meta", {}).get("site") != site:
+        raise RoundError(f"{private_state}: private state of site {private.get('meta', {}).get('site')!r}")
+    last = int(private["meta"].get("round", -1))
+    final = load_checkpoint(last_global)
+    final_meta = final.get("meta", {})
+    if int(final_meta.get("round", -2)) != last:
+        raise RoundError(f"{last_global}: global model of round {final_meta.get('round')}, expected {last}")
+    best = _best_from_private(private)
+    if best is None:
+        weights, chosen = final["model"], {"round": last, "which": "final", "score": None}
+    else:
+        weights, chosen = best["model"], {k: best[k] for k in ("round", "which", "score")}
+    meta = {
+        "kind": "federated_selected",
+        "setting": setting,
+        "site": site,
+        "network": final_meta.get("network"),
+        "organs": list(final_meta.get("organs") or ORGANS),
+        "rounds": last,
+        "selected": chosen,
+    }
+    save_checkpoint(out_model, {"model": weights, "meta": meta})
+    return meta

@@ -1,6 +1,8 @@
 """Training curves: one row per epoch (epoch, loss, lr, seconds) as CSV and as a PNG plot.
 
-docs/architecture.md "Models": each model is written next to ``curve.csv`` and ``curve.png``.
+docs/architecture.md "Models": each model is written next to ``curve.csv`` and ``curve.png``. A run that
+scored its model on validation cases (best-epoch selection, :mod:`fedpsmos.training.trainer`) has one more
+column, ``validation_dice``, empty in the epochs that were not scored.
 """
 
 from __future__ import annotations
@@ -14,28 +16,34 @@ from typing import Any
 from fedpsmos.atomic import atomic_path, write_text
 
 CURVE_COLUMNS = ("epoch", "loss", "lr", "seconds")
+VALIDATION_COLUMN = "validation_dice"
 
 
 def write_curve_csv(path: str | Path, history: Sequence[Mapping[str, Any]]) -> None:
-    """Write the per-epoch history as CSV with columns epoch, loss, lr, seconds.
+    """Write the per-epoch history as CSV with columns epoch, loss, lr, seconds (and validation_dice).
 
     Parameters
     ----------
     path:
         the CSV file.
     history:
-        one mapping per epoch with at least the four columns.
+        one mapping per epoch with at least the four columns; a ``validation_dice`` that is not ``None`` in
+        some row adds that column (empty where ``None``).
     """
+    scored = any(row.get(VALIDATION_COLUMN) is not None for row in history)
+    columns = [*CURVE_COLUMNS, VALIDATION_COLUMN] if scored else list(CURVE_COLUMNS)
     buffer = io.StringIO()
-    writer = csv.DictWriter(
-        buffer, fieldnames=list(CURVE_COLUMNS), extrasaction="ignore", lineterminator="\n"
-    )
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in history:
         missing = [c for c in CURVE_COLUMNS if c not in row]
         if missing:
             raise ValueError(f"{path}: history row {dict(row)} lacks {', '.join(missing)}")
-        writer.writerow({c: row[c] for c in CURVE_COLUMNS})
+        values = {c: row[c] for c in CURVE_COLUMNS}
+        if scored:
+            score = row.get(VALIDATION_COLUMN)
+            values[VALIDATION_COLUMN] = "" if score is None else score
+        writer.writerow(values)
     write_text(path, buffer.getvalue())
 
 

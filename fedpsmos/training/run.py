@@ -1,8 +1,10 @@
 """Entry point of the training rules: turn a rule's plain params into a :func:`train_model` call.
 
-One function serves the four model kinds (DESIGN.md "The pipeline"): ``pretrain`` (M0, the fully labelled
-site), ``central`` (all sites pooled, from M0), ``site_alone`` (one site's organs only, from scratch) and
-``adapted`` (one site, from the federated model, with a freeze mode).
+One function serves the four model kinds (docs/design.md "The pipeline and the privacy boundary"):
+``pretrain`` (M0, the fully labelled site), ``central`` (all sites pooled, from M0), ``site_alone`` (one
+site's organs only, from scratch) and ``adapted`` (one site, from the federated model, with a freeze mode).
+Each keeps its best epoch by the score on the trained sites' validation cases when their manifests hold any
+(:func:`train_model`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from fedpsmos.network import NetworkSpec
 from fedpsmos.organs import CLASS_INDEX, NUM_CLASSES, ORGANS
 from fedpsmos.training.sampler import site_data_from_manifest
+from fedpsmos.training.selection import validation_cases_from_manifest
 from fedpsmos.training.trainer import TrainSettings, train_model
 
 KINDS: tuple[str, ...] = ("pretrain", "central", "site_alone", "adapted")
@@ -66,6 +69,12 @@ def train_from_params(params: Mapping[str, Any], output: Mapping[str, str | Path
     sites = [
         site_data_from_manifest(s["site"], s["manifest"], s["npz_dir"], s["patches"]) for s in params["sites"]
     ]
+    # The same sites' held-out cases (only their files are opened), for best-epoch selection.
+    validation = [
+        case
+        for s in params["sites"]
+        for case in validation_cases_from_manifest(s["site"], s["manifest"], s["npz_dir"])
+    ]
     meta = {
         "kind": kind,
         "organs": organs,
@@ -89,4 +98,5 @@ def train_from_params(params: Mapping[str, Any], output: Mapping[str, str | Path
         class_map=class_map,
         meta=meta,
         patch_size=[int(p) for p in params["patch_size"]],
+        validation=validation,
     )

@@ -1,6 +1,6 @@
 """The trainer: SGD with Nesterov momentum, the plateau lr rule, patch sampling, resumable epochs.
 
-DESIGN.md "Training" (paper Sec. 3): SGD with Nesterov momentum 0.99, weight decay 3e-5, initial lr 0.01,
+docs/design.md "Training" (paper Sec. 3): SGD with Nesterov momentum 0.99, weight decay 3e-5, initial lr 0.01,
 lr x0.8 when the training loss fell by less than 0.001 over 10 epochs (:mod:`fedpsmos.training.schedule`),
 2 patches per iteration, 250 iterations an epoch, the loss combination of :func:`fedpsmos.losses.build_loss`
 wrapped in deep supervision. Gradients are clipped to norm 12 as nnU-Net v2 does.
@@ -9,6 +9,15 @@ wrapped in deep supervision. Gradients are clipped to norm 12 as nnU-Net v2 does
 then ``end_epoch``); :func:`train_model` runs whole epochs for pretraining, central, site-alone and adapted
 models, writing a resume checkpoint after each epoch so that a killed job, rerun, ends with the same weights
 as an uninterrupted run (bit-identical on the CPU for the same seed).
+
+Best-epoch selection: when the trained sites hold local validation cases (the manifest's ``validation``
+list, config ``split.validation_cases``), the model is scored on them after every ``validation_every``
+epochs and after the last one (:func:`fedpsmos.training.selection.score_on_validation`: mean Dice over each
+case's labelled organs that the model outputs, sliding window on the preprocessed grid). The best-scoring
+weights (the earliest on a tie) are kept and become the written model; its meta records ``selected_epoch``
+and the ``validation_dice`` history, and the curve gains a ``validation_dice`` column. The best weights and
+score live in the resume checkpoint too, so a resumed run selects exactly as an uninterrupted one. Without
+validation cases nothing is scored and the last epoch's weights are written, as before.
 
 Determinism: every random choice of training (sites, rows, augmentation) comes from the sampler's generator,
 whose state is saved with the optimiser and schedule; initialisation is seeded without touching the global
@@ -49,6 +58,7 @@ from fedpsmos.training.checkpoint import (
 from fedpsmos.training.curves import plot_curve, write_curve_csv
 from fedpsmos.training.sampler import PatchSampler, SiteData
 from fedpsmos.training.schedule import PlateauDecay
+from fedpsmos.training.selection import ValidationCase, output_organs, score_on_validation
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +83,8 @@ class TrainSettings:
     plateau_min_decrease: float
     plateau_factor: float
     augmentation: bool
+    validation_every: int = 1
+    site_sampling: str = "proportional"
 
     @classmethod
     def from_config(cls, training: Mapping[str, Any]) -> TrainSettings:
@@ -82,7 +94,8 @@ class TrainSettings:
         ----------
         training:
             the section: patches_per_iteration, iterations_per_epoch, lr, momentum, weight_decay,
-            plateau {window, min_decrease, factor}, augmentation (other keys, e.g. epochs, are ignored).
+            plateau {window, min_decrease, factor}, augmentation, optional validation_every (default 1;
+            other keys, e.g. epochs, are ignored).
         """
         try:
             plateau = training["plateau"]
@@ -96,6 +109,8 @@ class TrainSettings:
                 plateau_min_decrease=float(plateau["min_decrease"]),
                 plateau_factor=float(plateau["factor"]),
                 augmentation=bool(training["augmentation"]),
+                validation_every=int(training.get("validation_every", 1)),
+                site_sampling=str(training.get("site_sampling", "proportional")),
             )
         except KeyError as error:
             raise KeyError(f"config training: missing key {error.args[0]!r}") from None
@@ -178,6 +193,7 @@ class Trainer:
             seed=seed,
             augment=settings.augmentation,
             class_map=class_map,
+            site_sampling=settings.site_sampling,
         )
         loss = build_loss(loss_spec)
         deep = bool(getattr(getattr(self.model, "decoder", None), "deep_supervision", False))
@@ -340,6 +356,7 @@ def train_model(
     patch_size: Sequence[int],
     device: str | torch.device | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    validation: Sequence[ValidationCase] = (),
 ) -> None:
     """Train a model for ``epochs`` epochs (resuming from ``resume.pt`` beside ``out_model``) and write it.
 
@@ -374,6 +391,8 @@ def train_model(
     on_epoch_end:
         called with the number of finished epochs after the resume checkpoint is written (tests use it to
         interrupt a run).
+    validation:
+        the trained sites' validation cases; empty: no scoring, the last epoch's weights are written.
     """
     out_model = Path(out_model)
     if epochs < 0:
@@ -397,8 +416,11 @@ def train_model(
             "init_sha256": _file_sha256(Path(init)) if init else None,
             "class_map": None if class_map is None else [int(c) for c in class_map],
             "sites": [s.site for s in sites],
+            "validation_cases": [f"{v.site}/{v.case}" for v in validation],
         }
     )
+    organs = output_organs(class_map)
+    every = max(1, int(settings.validation_every))
 
     def fresh_trainer() -> Trainer:
         model = build_network(network, seed=seed)
@@ -420,6 +442,7 @@ def train_model(
     resume_path = out_model.parent / RESUME_NAME
     history: list[dict[str, Any]] = []
     start = 0
+    best: dict[str, Any] | None = None  # {"epoch", "score", "model"}: the best validated weights so far
     if resume_path.exists():
         try:
             resume = load_checkpoint(resume_path)
@@ -428,38 +451,71 @@ def train_model(
             load_model_state(trainer.model, resume["model"], source=resume_path)
             trainer.load_state_dict(resume["trainer"])
             history, start = list(resume["history"]), int(resume["epoch"])
+            if resume.get("best"):
+                best = {**resume["best"], "model": resume["best_model"]}
             log.info("resuming from %s after epoch %d", resume_path, start)
         except (CheckpointError, TrainingError, KeyError) as error:
             # A partial restore may have touched the model or trainer: start over from scratch.
             log.warning("ignoring resume checkpoint %s: %s", resume_path, error)
-            trainer, history, start = fresh_trainer(), [], 0
+            trainer, history, start, best = fresh_trainer(), [], 0, None
     for epoch in range(start, epochs):
         started = time.perf_counter()
         lr = trainer.lr
         loss = trainer.train_iterations(settings.iterations_per_epoch, progress=True)
         trainer.end_epoch(loss)
         seconds = time.perf_counter() - started
-        history.append({"epoch": epoch + 1, "loss": loss, "lr": lr, "seconds": seconds})
-        log.info("epoch %d/%d loss %.5f lr %.4g %.1f s", epoch + 1, epochs, loss, lr, seconds)
-        save_checkpoint(
-            resume_path,
-            {
-                "model": model_state_to_cpu(trainer.model.state_dict()),
-                "meta": full_meta,
-                "trainer": trainer.state_dict(),
-                "epoch": epoch + 1,
-                "history": history,
-            },
+        score: float | None = None
+        if validation and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
+            score = score_on_validation(
+                trainer.model, validation, organs=organs, patch_size=patch_size, device=trainer.device
+            )
+            if best is None or score > best["score"]:  # strictly better: the earliest best epoch wins ties
+                best = {
+                    "epoch": epoch + 1,
+                    "score": score,
+                    "model": model_state_to_cpu(trainer.model.state_dict()),
+                }
+        history.append(
+            {"epoch": epoch + 1, "loss": loss, "lr": lr, "seconds": seconds, "validation_dice": score}
         )
+        log.info(
+            "epoch %d/%d loss %.5f lr %.4g %.1f s%s",
+            epoch + 1,
+            epochs,
+            loss,
+            lr,
+            seconds,
+            "" if score is None else f" validation Dice {score:.4f}",
+        )
+        snapshot: dict[str, Any] = {
+            "model": model_state_to_cpu(trainer.model.state_dict()),
+            "meta": full_meta,
+            "trainer": trainer.state_dict(),
+            "epoch": epoch + 1,
+            "history": history,
+        }
+        if best is not None:
+            snapshot["best"] = {"epoch": best["epoch"], "score": best["score"]}
+            snapshot["best_model"] = best["model"]
+        save_checkpoint(resume_path, snapshot)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
     write_curve_csv(out_curve_csv, history)
     plot_curve(out_curve_png, history, title=str(meta.get("kind", "")))
+    selection = {
+        "selected_epoch": epochs if best is None else int(best["epoch"]),
+        "validation_dice": [
+            {"epoch": int(h["epoch"]), "dice": float(h["validation_dice"])}
+            for h in history
+            if h.get("validation_dice") is not None
+        ],
+    }
+    weights = model_state_to_cpu(trainer.model.state_dict()) if best is None else best["model"]
     save_checkpoint(
         out_model,
         {
-            "model": model_state_to_cpu(trainer.model.state_dict()),
-            "meta": full_meta,
+            "model": weights,
+            "meta": {**full_meta, **selection},
             "epoch": epochs,
             "history": history,
         },

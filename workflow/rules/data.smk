@@ -31,7 +31,7 @@ rule validate_site:
         source=get_site_source,
         root=get_site_root,
         labels=get_site_labels,
-        test_fraction=config["split"]["test_fraction"],
+        split=get_site_split,
         seed=config["seed"],
     script:
         "../../scripts/validate_site.py"

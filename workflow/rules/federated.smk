@@ -121,3 +121,24 @@ rule finalise_federation:
         setting="{setting}",
     script:
         "../../scripts/finalise_federation.py"
+
+
+# Each site's local best model (docs/federated.md, "Local validation and best-model selection"): written from
+# the site's own last private state, one job per site; evaluation of federated/{setting} at a site with
+# validation cases uses it (get_model_file), adaptation starts from model.pt (the final global model).
+rule select_federated_model:
+    input:
+        unpack(get_selection_inputs),
+    output:
+        model="results/models/federated/{setting}/selected/{site}.pt",
+    log:
+        "logs/select_federated_model/{setting}/{site}.log",
+    conda:
+        "../../envs/training.yaml"
+    params:
+        private=get_final_private,
+        global_model=get_last_global,
+        setting="{setting}",
+        site="{site}",
+    script:
+        "../../scripts/select_federated_model.py"
