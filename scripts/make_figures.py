@@ -15,8 +15,8 @@ def main(snakemake) -> None:
         curves=list(snakemake.input.get("curves", [])),
         federated_curves=list(snakemake.input.get("federated_curves", [])),
         manifests=list(snakemake.input.manifests),
-        qualitative_models=models_from_prediction_dirs(list(snakemake.input.get("predictions", []))),
-        n_cases=int(snakemake.params.get("n_cases", 3)),
+        qualitative_models=list(snakemake.params.get("qualitative_models", []))
+        or models_from_prediction_dirs(list(snakemake.input.get("predictions", []))),
     )
     missing = {str(p) for p in snakemake.output} - {str(p) for p in written}
     if missing:
