@@ -1,9 +1,9 @@
 """The segmentation network: nnU-Net v2's 3D PlainConvUNet, with separable encoder and decoder.
 
-DESIGN.md "Training": a 3D nnU-Net (``PlainConvUNet`` from ``dynamic_network_architectures``, the package
-nnU-Net v2 builds its networks with), instance norm, deep supervision. Site adaptation (paper Sec. 2.3,
-DESIGN.md "Site adaptation") trains ``full`` (all layers), ``decoder`` (encoder frozen) or ``encoder``
-(decoder frozen); :func:`freeze` sets that up.
+docs/design.md "Training": a 3D nnU-Net (``PlainConvUNet`` from ``dynamic_network_architectures``, the
+package nnU-Net v2 builds its networks with), instance norm, deep supervision. Site adaptation (paper Sec.
+2.3, docs/design.md "Site adaptation and site-alone baselines") trains ``full`` (all layers), ``decoder``
+(encoder frozen) or ``encoder`` (decoder frozen); :func:`freeze` sets that up.
 
 The UNetDecoder keeps a reference to the encoder as a submodule (``decoder.encoder``), so
 ``net.decoder.parameters()`` also yields every encoder parameter and the state dict holds each encoder tensor

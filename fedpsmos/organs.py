@@ -1,4 +1,4 @@
-"""The global organ classes and a site's partial label map (DESIGN.md, "Organs and label maps").
+"""The global organ classes and a site's partial label map (docs/design.md, "Organs and label maps").
 
 Global classes: 0 background, 1 liver, 2 spleen, 3 pancreas, 4 kidney_left, 5 kidney_right. A site declares
 which organs it annotates and which of its own label values map onto each. The pseudo-organ ``kidney`` stands
@@ -49,7 +49,7 @@ def labelled_mask(organs: Iterable[str]) -> np.ndarray:
     """Boolean mask over the C + 1 global classes of the classes a site annotates.
 
     Background (index 0) is always ``True``: every site labels what it calls background, and the losses
-    decide what that background may contain (marginal merging, DESIGN.md "Losses").
+    decide what that background may contain (marginal merging, docs/design.md "Losses").
     """
     mask = np.zeros(NUM_CLASSES, dtype=bool)
     mask[0] = True

@@ -2,7 +2,7 @@
 
 The paper keeps a sampled patch only if its "target area is larger than 33%". This project reads that as:
 a patch is kept when it holds at least ``min_fraction`` of the voxels of at least one organ the site labels
-and the case contains (DESIGN.md "Training"). Organs a site does not label are invisible here (they are
+and the case contains (docs/design.md "Training"). Organs a site does not label are invisible here (they are
 background in its label map), and a labelled organ absent from a case is skipped rather than failing it.
 
 Candidates per training case: half are lower corners drawn uniformly over the valid range, half are centred

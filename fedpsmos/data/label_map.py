@@ -1,4 +1,4 @@
-"""Apply a site's partial label map to its label image (DESIGN.md "Organs and label maps").
+"""Apply a site's partial label map to its label image (docs/design.md "Organs and label maps").
 
 A site maps its own label values onto the global classes of :mod:`fedpsmos.organs` (0 background, 1 liver,
 2 spleen, 3 pancreas, 4 kidney_left, 5 kidney_right); several values may map to one organ (MSD liver: 1 liver

@@ -1,4 +1,6 @@
-"""List a site's image/label pairs from its raw folder (DESIGN.md, "The pipeline": sites -> validate + split).
+"""List a site's image/label pairs from its raw folder, the input of ``validate_site``.
+
+docs/design.md "The pipeline and the privacy boundary": sites -> validate + split.
 
 Three sources, all read from one folder per site:
 

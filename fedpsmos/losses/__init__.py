@@ -1,4 +1,6 @@
-"""Partial-supervision losses (paper Sec. 4.1, DESIGN.md "Losses"): conventional, marginal, exclusion forms.
+"""Partial-supervision losses (paper Sec. 4.1): conventional, marginal, exclusion forms.
+
+The formulas and the choices behind them: docs/design.md "Losses".
 
 Modules, one concept each:
 

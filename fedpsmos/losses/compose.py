@@ -11,8 +11,8 @@ B_p are partially labelled (their labelled mask misses at least one organ):
     loss = sum_t w_t^marg * M_t(batch) + (B_p / B) * sum_t w_t^excl * E_t(partial samples)
 
 - ``M_t`` is the marginal form of term t (``fedpsmos.losses.marginal``) over the whole batch. A fully
-  labelled sample merges nothing, so it gets exactly the conventional form (DESIGN.md: fully labelled
-  samples use the conventional losses); a batch may mix both kinds.
+  labelled sample merges nothing, so it gets exactly the conventional form (docs/design.md "Losses":
+  fully labelled samples use the conventional losses); a batch may mix both kinds.
 - ``E_t`` is the exclusion form (``fedpsmos.losses.exclusion``) over the partially labelled samples only.
   Choice of this project: exclusion terms do not apply to fully labelled samples, so with every organ
   labelled the composed loss is exactly the conventional composition of the marginal-side terms (tested).

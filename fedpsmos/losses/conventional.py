@@ -4,7 +4,7 @@ Every loss term here reads a :class:`Prepared` record: per-voxel log-probabiliti
 channels, the label map ``y`` and its one-hot form, all flattened over space (``[B, K, N]``, K = C + 1). The
 *conventional* losses prepare it with ``log q = log_softmax(z)`` (:func:`conventional_prepare`); the
 *marginal* losses (``fedpsmos.losses.marginal``) override only that preparation hook and reuse these terms
-unchanged, so a marginal loss with every organ labelled is its conventional loss (DESIGN.md, "Losses").
+unchanged, so a marginal loss with every organ labelled is its conventional loss (docs/design.md, "Losses").
 
 With ``q_{y}`` the probability of each voxel's label and M = B * N voxels in the batch (paper Eq. 3-7,
 written for the conventional case ``q = p``):

@@ -1,7 +1,7 @@
 """Exclusion losses (Shi et al., MedIA 2021; paper Sec. 4.1.2, Eq. 8-13): a voxel belongs to one organ only.
 
 For a partially labelled sample with labelled organ set L and softmax probabilities p over K = C + 1
-channels, the exclusion target of each channel (paper Eq. 8, DESIGN.md "Losses") is
+channels, the exclusion target of each channel (paper Eq. 8, docs/design.md "Losses") is
 
     e_c = 1 - y_c                           for a labelled organ c (c in L, c > 0),
     e_j = union_{c in L, c > 0} y_c         for background (j = 0) and for every unlabelled organ j,
@@ -24,7 +24,7 @@ voxels (batch style, like nnU-Net's batch Dice); s = 1e-5, gamma = 2, k = 10:
 The paper prints these equations without their symbols; the five forms above are this project's reading of
 them, after Shi et al.'s exclusion Dice and CE. Exclusion terms apply to partially labelled samples only:
 for a fully labelled sample ``e_c = 1 - y_c`` for every channel and the conventional losses already carry
-that information (DESIGN.md: fully labelled samples use the conventional losses), see
+that information (docs/design.md "Losses": fully labelled samples use the conventional losses), see
 ``fedpsmos.losses.compose``."""
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Resampling to the shared spacing (DESIGN.md "Training": spacing (2.41, 1.63, 1.63) mm, third-order images).
+"""Resampling to the shared spacing (paper: (2.41, 1.63, 1.63) mm, third-order images).
+
+docs/design.md "Preprocessing" places this step in the per-case pipeline.
 
 Grid convention (the same as SimpleITK's ``ResampleImageFilter`` with the input's origin and direction): the
 resampled grid keeps the original origin (the centre of the first voxel) and direction, takes the target

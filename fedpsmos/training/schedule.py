@@ -1,9 +1,9 @@
 """The paper's learning-rate rule: decay on a training-loss plateau.
 
-Paper Sec. 3 (DESIGN.md "Training"): "the learning rate decays by 20% whenever the training loss fell by less
-than 0.001 over 10 consecutive epochs". Made precise here: with ``loss[e]`` the mean training loss of epoch
-``e`` (0-based, in :meth:`PlateauDecay.step` call order), the rate is multiplied by ``factor`` at the end of
-epoch ``e`` when
+Paper Sec. 3 (docs/design.md "Training"): "the learning rate decays by 20% whenever the training loss fell
+by less than 0.001 over 10 consecutive epochs". Made precise here: with ``loss[e]`` the mean training loss of
+epoch ``e`` (0-based, in :meth:`PlateauDecay.step` call order), the rate is multiplied by ``factor`` at the
+end of epoch ``e`` when
 
     e >= window,  e - window >= d,  and  loss[e - window] - loss[e] < min_decrease,
 
