@@ -134,7 +134,35 @@ def test_batches_mix_sites_with_their_own_masks(tmp_path: Path) -> None:
             assert labelled[b].tolist() == expected[site]
             present = set(torch.unique(target[b]).tolist())
             assert present <= {i for i, m in enumerate(expected[site]) if m}
-    assert 20 <= sites_seen.count("site1") <= 60  # site drawn uniformly: 80 draws, p = 0.5
+    assert 20 <= sites_seen.count("site1") <= 60  # equal case counts: p = 0.5 either way, 80 draws
+
+
+@pytest.mark.parametrize(("sampling", "expected"), [("proportional", 0.75), ("uniform", 0.5)])
+def test_sites_are_drawn_as_pooled_data_in_proportion_to_their_cases(
+    tmp_path: Path, sampling: str, expected: float
+) -> None:
+    # Prepare: site1 holds 3 training cases, site3 one; pooled data draws site1 with p = 3/4 (FedAvg's n_k/n)
+    big = write_site(tmp_path, "site1", ("liver",), cases=3)
+    small = write_site(tmp_path, "site3", ("spleen",), cases=1)
+    sampler = PatchSampler(
+        [big, small], patch_size=PATCH, patches_per_iteration=4, seed=0, augment=False, site_sampling=sampling
+    )
+    # Execute
+    seen = []
+    for _ in range(200):
+        sampler.next_batch()
+        seen += [site for site, _, _ in sampler.last_draw]
+    # Assert: 800 draws; 4 binomial standard deviations is about 0.06
+    assert sampler.site_probabilities.tolist() == pytest.approx([expected, 1 - expected])
+    assert abs(seen.count("site1") / len(seen) - expected) < 0.06
+
+
+def test_unknown_site_sampling_is_refused(tmp_path: Path) -> None:
+    site = write_site(tmp_path, "site1", ("liver",))
+    with pytest.raises(SamplerError, match="site_sampling"):
+        PatchSampler(
+            [site], patch_size=PATCH, patches_per_iteration=1, seed=0, augment=False, site_sampling="x"
+        )
 
 
 def test_overhanging_patch_is_padded_with_minimum_and_background() -> None:

@@ -1,4 +1,4 @@
-"""Synthetic CT-like abdomens for the five-site default (DESIGN.md, "Organs and label maps").
+"""Synthetic CT-like abdomens for the five-site default (docs/design.md, "Organs and label maps").
 
 The paper's five data sets (its Table 1) cannot ship with the workflow, so the CPU default generates one
 nnU-Net v2 raw folder per site instead. Each case is drawn in physical LPS coordinates (x to the patient's
@@ -11,7 +11,11 @@ spleen, pancreas, bowel and muscle are all soft tissue) so that shape and contex
 
 Sites differ as the paper's do: spacing, noise, organ-vs-fat contrast, an intensity offset, the field of
 view, and above all which organs the label file annotates (the partial label maps). Organs a site does not
-annotate are still in its images, and are 0 in its labels.
+annotate are still in its images, and are 0 in its labels. Sites also store their voxels in different
+orders, as real data sets do: the optional ``orientation`` of a site's spec (a DICOM code, default ``"LPS"``;
+``"RAS"`` flips x and y as many NIfTI writers do, ``"SPL"``/``"IPL"`` put the slice axis first as KiTS19
+does) is applied to the LPS-painted image and label with SimpleITK's ``DICOMOrient`` when they are written,
+so the physical content, and which kidney is the left one, is the same whatever the orientation.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from fedpsmos.organs import CLASS_INDEX, ORGANS, SPLIT_KIDNEY
+from fedpsmos.preprocessing.orientation import CANONICAL, check_orientation_code, reorient
 
 # Nominal extent of the scanned volume (z, y, x) in mm at fov = 1: the body is ~330 x 260 mm in-plane,
 # so the in-plane field of view leaves a little air around it; ~200 mm craniocaudal covers liver dome to
@@ -60,15 +65,18 @@ TISSUE: dict[str, int] = {
     **{organ: CLASS_INDEX[organ] for organ in ORGANS},
     **{name: 6 + i for i, name in enumerate(_BACKGROUND_TISSUES)},
 }
-# (mean HU, texture amplitude HU) before the site's contrast, offset and noise. Liver, spleen and pancreas
-# overlap each other, bowel and muscle on purpose; kidneys and vessels overlap (contrast phase).
+# (mean HU, texture amplitude HU) before the site's contrast, offset and noise, roughly a portal-venous
+# phase: the pancreas enhances above the liver and spleen, the kidneys above all three. Noise and texture make
+# neighbouring soft tissues (liver, spleen, bowel, muscle, stomach wall) overlap, and the splenic vein behind
+# the pancreas is brighter than it, so shape and context still have to be learnt. (With liver, spleen and
+# pancreas at 60, 55 and 45 HU, a tube 2-3 voxels thick on the CPU grid, no model found the pancreas.)
 _TISSUE_HU: dict[str, tuple[float, float]] = {
     "air": (AIR_HU, 0.0),
-    "liver": (60.0, 10.0),
-    "spleen": (55.0, 10.0),
-    "pancreas": (45.0, 14.0),
-    "kidney_left": (155.0, 14.0),
-    "kidney_right": (155.0, 14.0),
+    "liver": (65.0, 10.0),
+    "spleen": (100.0, 10.0),
+    "pancreas": (135.0, 12.0),
+    "kidney_left": (175.0, 14.0),
+    "kidney_right": (175.0, 14.0),
     "fat": (FAT_HU, 10.0),
     "muscle": (50.0, 8.0),
     "bowel": (35.0, 15.0),
@@ -79,7 +87,7 @@ _TISSUE_HU: dict[str, tuple[float, float]] = {
     "disc": (80.0, 10.0),
     "csf": (15.0, 5.0),
     "aorta": (170.0, 10.0),
-    "vein": (120.0, 10.0),
+    "vein": (155.0, 10.0),
     "stomach_wall": (45.0, 8.0),
 }
 
@@ -328,8 +336,9 @@ def make_case(
     paint((st < 0.82) & cavity, "fluid")
     paint((st < 0.82) & cavity & (u[1] < c[1] - 0.45 * s[1]), "gas")
 
-    # Spleen: left posterior upper quadrant, long axis tilted towards anterior-inferior.
-    c, s, r = jitter((82.0, 38.0, 45.0), (24.0, 48.0, 45.0), rot_deg=15.0)
+    # Spleen: left posterior upper quadrant, long axis tilted towards anterior-inferior; about 300 ml (a large
+    # normal spleen), so that it is more than a few voxels thick on the CPU grid (6 mm in-plane).
+    c, s, r = jitter((84.0, 38.0, 52.0), (30.0, 54.0, 48.0), rot_deg=15.0)
     r = _rot(-35.0, 0.0, 20.0) @ r
     paint((_ellipsoid(u, c, s, r) + np.float32(0.08) * lobulation < 1) & cavity, "spleen")
 
@@ -344,12 +353,13 @@ def make_case(
         paint((kid < 1) & (notch >= 1), organ)
 
     # Pancreas: a tube from the head (right of midline, by the duodenum) over the vessels to the tail at the
-    # splenic hilum, with the splenic vein along its back.
+    # splenic hilum (radius 23 mm at the head, 14-15 mm along body and tail: about 130 ml, a large adult
+    # pancreas), with the splenic vein along its back.
     head = np.array([-32.0, 2.0, -8.0]) + rng.normal(0, 5, 3)
     body = np.array([18.0, -18.0, 8.0]) + rng.normal(0, 6, 3)
     tail = np.array([80.0, 34.0, 26.0]) + rng.normal(0, 6, 3)
     path = _bezier(head, body, tail, 28)
-    radii = np.interp(np.linspace(0, 1, 28), [0, 0.25, 1], [17.0, 10.0, 9.0]) * rng.uniform(0.85, 1.15)
+    radii = np.interp(np.linspace(0, 1, 28), [0, 0.25, 1], [23.0, 15.0, 14.0]) * rng.uniform(0.85, 1.15)
     radii = radii * (1 + 0.12 * rng.normal(size=radii.size)).clip(0.7, 1.3)
     lo, hi = path.min(0) - 25, path.max(0) + 25
     near = (u[0] > lo[0]) & (u[0] < hi[0]) & (u[1] > lo[1]) & (u[1] < hi[1]) & (u[2] > lo[2]) & (u[2] < hi[2])
@@ -379,7 +389,7 @@ def make_case(
     for organ in ("kidney_left", "kidney_right"):
         k = tissue == TISSUE[organ]
         image[k & (fine < -0.5)] -= np.float32(35.0)
-    image[(tissue == TISSUE["pancreas"]) & (lobulation > 1.1)] -= np.float32(45.0)
+    image[(tissue == TISSUE["pancreas"]) & (lobulation > 1.1)] -= np.float32(35.0)
     in_body = tissue != TISSUE["air"]
     image = np.where(in_body, FAT_HU + np.float32(contrast) * (image - FAT_HU) + np.float32(offset), image)
     sigma_vox = np.clip(0.6 * spacing_mm.min() / spacing_mm, 0.2, 0.6)
@@ -402,11 +412,16 @@ def site_label_array(global_label: np.ndarray, label_values: Mapping[str, int]) 
     return lut[global_label]
 
 
-def _write_image(array: np.ndarray, path: Path, spacing_zyx: Sequence[float]) -> None:
+def _write_image(
+    array: np.ndarray, path: Path, spacing_zyx: Sequence[float], orientation: str = CANONICAL
+) -> None:
+    """Write an LPS-painted ``[Z, Y, X]`` array with its axes permuted/flipped to ``orientation``."""
     image = sitk.GetImageFromArray(array)
     image.SetSpacing([float(s) for s in reversed(list(spacing_zyx))])
     image.SetOrigin((0.0, 0.0, 0.0))
     image.SetDirection(tuple(np.eye(3).ravel()))
+    if orientation != CANONICAL:
+        image = reorient(image, orientation)
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
@@ -437,7 +452,8 @@ def write_site(
     ----------
     out_dir: the folder to create (``imagesTr``, ``labelsTr``, ``dataset.json``); it must not hold files.
     site: site name (case ids are ``{site}_{i:03d}``); spec: the site's ``synthetic`` config with ``cases``,
-    ``spacing`` (z, y, x mm), ``noise``, ``contrast``, ``offset``, ``fov``; labels: the site's label map
+    ``spacing`` (z, y, x mm), ``noise``, ``contrast``, ``offset``, ``fov`` and optionally ``orientation``
+    (the DICOM orientation code the files are stored in, default ``"LPS"``); labels: the site's label map
     ``{organ: [values]}`` (the first value is written; ``kidney`` is one value for both kidneys);
     seed: experiment seed; cases are deterministic in ``(seed, site, case index)``.
     The folder is built beside ``out_dir`` and renamed onto it, so it appears whole or not at all.
@@ -449,6 +465,10 @@ def write_site(
     spacing = [float(s) for s in spec["spacing"]]
     if len(spacing) != 3:
         raise ValueError(f"site {site}: synthetic.spacing must be (z, y, x), got {spacing}")
+    try:
+        orientation = check_orientation_code(str(spec.get("orientation", CANONICAL)))
+    except ValueError as err:
+        raise ValueError(f"site {site}: synthetic.{err}") from err
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: refusing to write a synthetic site over an existing non-empty path")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -467,8 +487,13 @@ def write_site(
                 offset=float(spec["offset"]),
                 rng=rng,
             )
-            _write_image(hu, tmp / "imagesTr" / f"{case}_0000.nii.gz", spacing)
-            _write_image(site_label_array(global_label, values), tmp / "labelsTr" / f"{case}.nii.gz", spacing)
+            _write_image(hu, tmp / "imagesTr" / f"{case}_0000.nii.gz", spacing, orientation)
+            _write_image(
+                site_label_array(global_label, values),
+                tmp / "labelsTr" / f"{case}.nii.gz",
+                spacing,
+                orientation,
+            )
         (tmp / "dataset.json").write_text(
             json.dumps(_dataset_json(site, label_map, len(cases)), indent=2) + "\n"
         )

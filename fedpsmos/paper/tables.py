@@ -1,14 +1,23 @@
 """The paper's Tables 2-6 from the workflow's metrics CSVs, as CSV, Markdown and LaTeX.
 
-Every table reports per organ the mean Dice (DC) and HD95 (mm) over test cases, and their mean over organs,
-separately for the fully labelled site(s) (all five organs) and the partially labelled sites (each scored on
-the organs it labels), as the paper's tables do. Dice averages every case; HD95 averages the cases where it
-is defined (NaN, an empty prediction or reference, is skipped: :mod:`fedpsmos.evaluation.metrics`). A model
-that has not been run gives a row of '-', as in the paper, never an error.
+Every table reports per organ the mean and sample standard deviation (n - 1) over test cases of Dice (DC) and
+HD95 (mm), and the mean over organs, separately for the fully labelled site(s) (all five organs) and the
+partially labelled sites (each scored on the organs it labels), as the paper's tables do. A missed organ
+(reference present, prediction empty) and a spurious one (reference empty, prediction present) are in both
+means, with Dice 0 and the HD95 penalty (the image diagonal, :mod:`fedpsmos.evaluation.metrics`), and each row
+counts them (``missed``, ``spurious``); only an organ absent from both masks (HD95 NaN) is left out of the
+HD95 mean, because there is nothing to measure. A model that has not been run gives a row of '-', as in the
+paper, never an error.
+
+Tables 4 and 6 add a two-sided paired Wilcoxon signed-rank test per organ on the per-case Dice
+(:func:`paired_wilcoxon`): Table 4 of M0 and site-alone against the federated model, Table 6 of each
+adaptation mode against the federated model it starts from. The CSVs hold the numbers in separate columns
+(``{organ} DC_sd``, ``{organ} DC p``, ``{organ} DC n``); Markdown and LaTeX show ``mean ± sd`` cells and the
+p-values in a second block under the table.
 
 - Table 2: loss-combination ablation of the central model (``central/{losses}``).
 - Table 3: the MargExc-style Dice+CE combination against the default combination, federated and adapted.
-- Table 4: federated against central (upper bound) and site-alone models.
+- Table 4: federated against M0 (pretraining alone), central (upper bound) and site-alone models.
 - Table 5: federated settings (client iterations x rounds), total iterations and training time.
 - Table 6: the adaptation modes against the federated model they start from.
 """
@@ -20,25 +29,38 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from fedpsmos.atomic import atomic_path, write_text
-from fedpsmos.evaluation.evaluate import COLUMNS
+from fedpsmos.evaluation.evaluate import COLUMNS, FLAG_COLUMNS
+from fedpsmos.evaluation.metrics import DEFAULT_HD95, check_convention
 from fedpsmos.organs import ORGANS
 from fedpsmos.paper.models import loss_label, model_name
 
 MISSING = "-"
+SD = "_sd"  # suffix of a standard-deviation column: "liver DC" -> "liver DC_sd"
+COUNT_COLUMNS = ("cases", "missed", "spurious")
+VERSUS = "p vs"  # column naming the model a row's p-values compare it with
+# With n <= 5 pairs the smallest two-sided exact Wilcoxon p is 2 / 2**n >= 0.0625: the test cannot reject at
+# 0.05, so such p-values are shown with their n and marked as having little power.
+MIN_PAIRS = 6
 
 
-def read_metrics(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
-    """Concatenate metrics CSVs (columns ``model, site, case, organ, dice, hd95``); missing files are skipped.
+def read_metrics(paths: Sequence[str | os.PathLike[str]], *, require_flags: bool = False) -> pd.DataFrame:
+    """Concatenate metrics CSVs (written by ``evaluate_site``); missing files are skipped.
 
     Parameters
     ----------
     paths:
         ``results/{model}/{site}/metrics.csv`` files.
+    require_flags:
+        Reject a CSV without the ``missed, spurious, hd95_convention`` columns: one written before missed
+        organs were penalised holds NaN for them, which tables must not average. Otherwise (figures, which
+        use Dice only) such columns are filled with NA.
     """
     frames = []
     for path in paths:
@@ -48,10 +70,44 @@ def read_metrics(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
         missing = [c for c in COLUMNS if c not in frame.columns]
         if missing:
             raise ValueError(f"{path}: metrics CSV lacks columns {missing}")
-        frames.append(frame[list(COLUMNS)])
+        absent = [c for c in FLAG_COLUMNS if c not in frame.columns]
+        if absent and require_flags:
+            raise ValueError(
+                f"{path}: metrics CSV lacks columns {absent}; it predates the missed-organ penalty, "
+                "re-run rule evaluate_site"
+            )
+        for column in absent:
+            frame[column] = pd.NA
+        frames.append(frame[[*COLUMNS, *FLAG_COLUMNS]])
     if not frames:
-        return pd.DataFrame({c: pd.Series(dtype=float if c in ("dice", "hd95") else object) for c in COLUMNS})
+        numeric = ("dice", "hd95")
+        return pd.DataFrame(
+            {c: pd.Series(dtype=float if c in numeric else object) for c in (*COLUMNS, *FLAG_COLUMNS)}
+        )
     return pd.concat(frames, ignore_index=True)
+
+
+def checked_convention(metrics: pd.DataFrame, configured: str = DEFAULT_HD95) -> str:
+    """The one HD95 convention of the metrics, checked against the configured one.
+
+    Parameters
+    ----------
+    metrics:
+        Concatenated metrics (:func:`read_metrics`).
+    configured:
+        Config ``evaluation.hd95``; returned when the metrics are empty or carry no convention.
+    """
+    check_convention(configured)
+    column = metrics["hd95_convention"] if "hd95_convention" in metrics.columns else pd.Series(dtype=object)
+    found = sorted({str(v) for v in column.dropna()})
+    if len(found) > 1:
+        raise ValueError(f"metrics mix HD95 conventions {found}; re-run rule evaluate_site for one of them")
+    if found and found[0] != configured:
+        raise ValueError(
+            f"metrics were computed with HD95 convention {found[0]!r} but evaluation.hd95 is {configured!r}; "
+            "re-run rule evaluate_site"
+        )
+    return configured
 
 
 def fully_labelled_sites(metrics: pd.DataFrame, default: Sequence[str] = ("site1",)) -> list[str]:
@@ -71,13 +127,41 @@ def fully_labelled_sites(metrics: pd.DataFrame, default: Sequence[str] = ("site1
     return full or list(default)
 
 
-def organ_columns() -> list[str]:
-    """Column names of a results block: ``{organ} DC``, ``{organ} HD95`` per organ, then the means."""
-    return [f"{o} {m}" for o in (*ORGANS, "mean") for m in ("DC", "HD95")]
+def organ_columns(*, sd: bool = True) -> list[str]:
+    """Value columns of a results block: ``{organ} DC``, ``{organ} HD95`` (and their ``_sd``), then the means.
+
+    Parameters
+    ----------
+    sd:
+        Include the ``{organ} DC_sd`` / ``{organ} HD95_sd`` standard-deviation columns.
+    """
+    columns = []
+    for organ in ORGANS:
+        for metric in ("DC", "HD95"):
+            columns += [f"{organ} {metric}", f"{organ} {metric}{SD}"] if sd else [f"{organ} {metric}"]
+    return [*columns, "mean DC", "mean HD95"]
+
+
+def pvalue_columns() -> list[str]:
+    """Paired-test columns: the compared-with model, then ``{organ} DC p`` and ``{organ} DC n`` per organ."""
+    return [VERSUS, *(f"{o} DC {k}" for o in ORGANS for k in ("p", "n"))]
+
+
+def _flag_count(rows: pd.DataFrame, column: str) -> float:
+    """Number of flagged rows; NaN when there are no rows or a flag is unknown (a CSV without flags)."""
+    if not len(rows) or column not in rows.columns:
+        return math.nan
+    flags = rows[column]
+    if flags.isna().any():
+        return math.nan
+    return float(flags.astype(bool).sum())
 
 
 def results_row(metrics: pd.DataFrame, model_id: str, sites: Sequence[str]) -> dict[str, float]:
-    """Mean DC and HD95 per organ of one model over the test cases of ``sites``, and their mean over organs.
+    """Case and missed-organ counts, and mean and SD over cases of DC and HD95 per organ, of one model.
+
+    HD95 includes the penalty of missed and spurious organs and skips only NaN (organ absent from both masks).
+    The ``mean`` columns average the organ means.
 
     Parameters
     ----------
@@ -89,21 +173,98 @@ def results_row(metrics: pd.DataFrame, model_id: str, sites: Sequence[str]) -> d
         Sites pooled in this block.
     """
     rows = metrics[(metrics["model"] == model_id) & metrics["site"].isin(list(sites))]
-    out: dict[str, float] = {c: math.nan for c in organ_columns()}
+    out: dict[str, float] = {c: math.nan for c in (*COUNT_COLUMNS, *organ_columns())}
+    if len(rows):
+        out["cases"] = float(len(rows[["site", "case"]].drop_duplicates()))
+        out["missed"] = _flag_count(rows, "missed")
+        out["spurious"] = _flag_count(rows, "spurious")
     for organ in ORGANS:
         cases = rows[rows["organ"] == organ]
-        if len(cases):
-            out[f"{organ} DC"] = float(cases["dice"].mean())
-            hd = cases["hd95"].dropna()
-            out[f"{organ} HD95"] = float(hd.mean()) if len(hd) else math.nan
+        for metric, column in (("DC", "dice"), ("HD95", "hd95")):
+            values = cases[column].dropna().astype(float)
+            if len(values):
+                out[f"{organ} {metric}"] = float(values.mean())
+                # Sample SD (n - 1); NaN for a single case, shown as the mean alone.
+                out[f"{organ} {metric}{SD}"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
     for metric in ("DC", "HD95"):
         values = [out[f"{o} {metric}"] for o in ORGANS if not math.isnan(out[f"{o} {metric}"])]
         out[f"mean {metric}"] = float(np.mean(values)) if values else math.nan
     return out
 
 
+def paired_wilcoxon(x: Sequence[float], y: Sequence[float]) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired samples (``scipy.stats.wilcoxon`` defaults).
+
+    Every difference zero (all ties): 1.0, no evidence of a difference (scipy would warn and divide by
+    zero); no pairs: NaN.
+
+    Parameters
+    ----------
+    x, y:
+        Paired values, same length.
+    """
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples differ in length: {a.shape} vs {b.shape}")
+    if not a.size:
+        return math.nan
+    if np.all(a == b):
+        return 1.0
+    return float(stats.wilcoxon(a, b).pvalue)
+
+
+def paired_dice(
+    metrics: pd.DataFrame, model_id: str, reference_id: str, sites: Sequence[str], organ: str
+) -> pd.DataFrame:
+    """Per-case Dice of two models on one organ, paired by (site, case): columns ``dice_model, dice_ref``.
+
+    Parameters
+    ----------
+    metrics:
+        Concatenated metrics.
+    model_id, reference_id:
+        The compared model and the model it is compared with.
+    sites:
+        Sites pooled.
+    organ:
+        The organ.
+    """
+    keep = metrics["site"].isin(list(sites)) & (metrics["organ"] == organ)
+    keys = ["site", "case"]
+    model = metrics.loc[keep & (metrics["model"] == model_id), [*keys, "dice"]]
+    reference = metrics.loc[keep & (metrics["model"] == reference_id), [*keys, "dice"]]
+    pairs = model.merge(reference, on=keys, suffixes=("_model", "_ref"), validate="one_to_one")
+    return pairs.dropna(subset=["dice_model", "dice_ref"])
+
+
+def compare_row(
+    metrics: pd.DataFrame, model_id: str, reference_id: str, sites: Sequence[str]
+) -> dict[str, float | str]:
+    """Per organ, the paired Wilcoxon p of ``model_id`` against ``reference_id`` and the number of pairs.
+
+    Parameters
+    ----------
+    metrics:
+        Concatenated metrics.
+    model_id, reference_id:
+        The compared model and the model it is compared with.
+    sites:
+        Sites pooled in this block.
+    """
+    out: dict[str, float | str] = {VERSUS: model_name(reference_id)}
+    for organ in ORGANS:
+        pairs = paired_dice(metrics, model_id, reference_id, sites, organ)
+        n = len(pairs)
+        out[f"{organ} DC p"] = paired_wilcoxon(pairs["dice_model"], pairs["dice_ref"]) if n else math.nan
+        out[f"{organ} DC n"] = float(n) if n else math.nan
+    return out
+
+
 def results_table(
-    metrics: pd.DataFrame, rows: Sequence[tuple[str, str]], full_sites: Sequence[str] | None = None
+    metrics: pd.DataFrame,
+    rows: Sequence[tuple[str, str]],
+    full_sites: Sequence[str] | None = None,
+    comparisons: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Rows ``(name, model_id)`` scored on the fully and on the partially labelled sites, one block each.
 
@@ -115,16 +276,29 @@ def results_table(
         Display name and model id of each row, in order.
     full_sites:
         Fully labelled sites; default :func:`fully_labelled_sites`.
+    comparisons:
+        Model id -> the model id its per-case Dice is tested against (:func:`compare_row`); when given, the
+        table has the :func:`pvalue_columns`, filled on those rows.
     """
     full = list(full_sites) if full_sites is not None else fully_labelled_sites(metrics)
     partial = sorted(s for s in metrics["site"].unique() if s not in full)
     blocks = [(f"{', '.join(full)} (fully labelled)", full)]
     blocks.append((f"{', '.join(partial) or 'none'} (partially labelled, own organs)", partial))
+    columns = ["data", "model", *COUNT_COLUMNS, *organ_columns()]
+    if comparisons is not None:
+        columns += pvalue_columns()
     records = []
     for block, sites in blocks:
         for name, model_id in rows:
-            records.append({"data": block, "model": name, **results_row(metrics, model_id, sites)})
-    return pd.DataFrame(records, columns=["data", "model", *organ_columns()])
+            record: dict[str, object] = {
+                "data": block,
+                "model": name,
+                **results_row(metrics, model_id, sites),
+            }
+            if comparisons and model_id in comparisons:
+                record.update(compare_row(metrics, model_id, comparisons[model_id], sites))
+            records.append(record)
+    return pd.DataFrame(records, columns=columns)
 
 
 def table2_losses(metrics: pd.DataFrame, central_losses: Sequence[str]) -> pd.DataFrame:
@@ -184,7 +358,10 @@ def table3_margexc(
 
 
 def table4_federated(metrics: pd.DataFrame, *, default_losses: str, default_setting: str) -> pd.DataFrame:
-    """Table 4: central upper bound vs site-alone models vs the federated model.
+    """Table 4: M0 (pretraining alone), central upper bound and site-alone models vs the federated model.
+
+    M0 and site-alone rows carry the paired Wilcoxon p-values against the federated model, so the table shows
+    what federated training adds over pretraining and over training alone.
 
     Parameters
     ----------
@@ -193,8 +370,10 @@ def table4_federated(metrics: pd.DataFrame, *, default_losses: str, default_sett
     default_losses, default_setting:
         The central loss combination and the federated setting compared.
     """
-    ids = [f"central/{default_losses}", "site_alone", f"federated/{default_setting}"]
-    return results_table(metrics, [(model_name(i), i) for i in ids])
+    federated = f"federated/{default_setting}"
+    ids = ["pretrain", f"central/{default_losses}", "site_alone", federated]
+    comparisons = {"pretrain": federated, "site_alone": federated}
+    return results_table(metrics, [(model_name(i), i) for i in ids], comparisons=comparisons)
 
 
 def benchmark_seconds(paths: Sequence[str | os.PathLike[str]]) -> float:
@@ -224,8 +403,15 @@ def table5_settings(
     settings: Mapping[str, Mapping[str, int]],
     default_losses: str,
     benchmarks: Mapping[str, Sequence[str | os.PathLike[str]]],
+    pretrain_iterations: int | None = None,
+    central_iterations: int | None = None,
 ) -> pd.DataFrame:
     """Table 5: federated settings at equal total iterations, with their mean results and training time.
+
+    ``total iterations`` counts each site's local iterations after M0 (client iterations x rounds) for a
+    federated setting and the central model's iterations after M0 for the non-FL row; ``with M0`` adds M0's
+    pretraining iterations, which every row starts from. Training time sums the Snakemake benchmark times of
+    the jobs that trained the row's model after M0.
 
     Parameters
     ----------
@@ -237,7 +423,14 @@ def table5_settings(
         The central model's loss combination (the non-FL row).
     benchmarks:
         Setting name or model id -> the benchmark files of all jobs that trained it (summed).
+    pretrain_iterations, central_iterations:
+        M0's iterations and the central model's after M0 (:func:`fedpsmos.budgets.iteration_budgets`);
+        ``None`` leaves those cells empty.
     """
+
+    def with_m0(iterations: int | None) -> int | None:
+        return None if iterations is None or pretrain_iterations is None else pretrain_iterations + iterations
+
     all_sites = sorted(metrics["site"].unique())
     records = []
     for setting, values in settings.items():
@@ -250,8 +443,11 @@ def table5_settings(
                 "client iterations": local,
                 "rounds": rounds,
                 "total iterations": local * rounds,
+                "with M0": with_m0(local * rounds),
                 "mean DC": row["mean DC"],
                 "mean HD95": row["mean HD95"],
+                "missed": row["missed"],
+                "spurious": row["spurious"],
                 "training time (h)": benchmark_seconds(files) / 3600,
             }
         )
@@ -262,9 +458,12 @@ def table5_settings(
             "model": model_name(central),
             "client iterations": None,
             "rounds": None,
-            "total iterations": None,
+            "total iterations": central_iterations,
+            "with M0": with_m0(central_iterations),
             "mean DC": row["mean DC"],
             "mean HD95": row["mean HD95"],
+            "missed": row["missed"],
+            "spurious": row["spurious"],
             "training time (h)": benchmark_seconds(benchmarks.get(central, [])) / 3600,
         }
     )
@@ -273,6 +472,8 @@ def table5_settings(
 
 def table6_adaptation(metrics: pd.DataFrame, *, default_setting: str, modes: Sequence[str]) -> pd.DataFrame:
     """Table 6: the federated model and its adaptation to each site with each mode (per-site models).
+
+    Each adaptation row carries the paired Wilcoxon p-values against the federated model.
 
     Parameters
     ----------
@@ -283,19 +484,24 @@ def table6_adaptation(metrics: pd.DataFrame, *, default_setting: str, modes: Seq
     modes:
         Adaptation modes (config ``adaptation.modes``).
     """
-    ids = [f"federated/{default_setting}", *(f"adapted/{m}" for m in modes)]
-    return results_table(metrics, [(model_name(i), i) for i in ids])
+    federated = f"federated/{default_setting}"
+    ids = [federated, *(f"adapted/{m}" for m in modes)]
+    comparisons = {f"adapted/{m}": federated for m in modes}
+    return results_table(metrics, [(model_name(i), i) for i in ids], comparisons=comparisons)
 
 
 def _format(column: str, value: object) -> str:
-    """Paper-style cell: DC to 3 decimals, HD95 to 2, times to 3 significant digits, '-' when missing."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """Paper-style cell: DC to 3 decimals, HD95 and p to 2 (p < 0.01 to 3), '-' when missing."""
+    if value is None or value is pd.NA or (isinstance(value, float | np.floating) and math.isnan(value)):
         return MISSING
     if isinstance(value, float | np.floating):
-        if column.endswith("DC"):
+        name = column.removesuffix(SD)
+        if name.endswith("DC"):
             return f"{value:.3f}"
-        if column.endswith("HD95"):
+        if name.endswith("HD95"):
             return f"{value:.2f}"
+        if column.endswith(" p"):
+            return "<0.001" if value < 0.001 else f"{value:.3f}" if value < 0.01 else f"{value:.2f}"
         if value == int(value) and "time" not in column:
             return str(int(value))
         return f"{value:.3g}"
@@ -303,7 +509,7 @@ def _format(column: str, value: object) -> str:
 
 
 def format_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The table with every cell formatted as a string (:func:`_format`).
+    """The table with every cell formatted as a string (:func:`_format`), each column kept.
 
     Parameters
     ----------
@@ -311,6 +517,88 @@ def format_table(df: pd.DataFrame) -> pd.DataFrame:
         A table from one of the ``table*`` functions.
     """
     return pd.DataFrame({c: [_format(c, v) for v in df[c].astype(object)] for c in df.columns})
+
+
+def display_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The table as shown in Markdown and LaTeX: ``mean ± sd`` cells, without the paired-test columns.
+
+    Parameters
+    ----------
+    df:
+        A table from one of the ``table*`` functions.
+    """
+    cells = format_table(df)
+    hidden = set(pvalue_columns()) | {c for c in df.columns if c.endswith(SD)}
+    out = {}
+    for column in df.columns:
+        if column in hidden:
+            continue
+        values = list(cells[column])
+        if f"{column}{SD}" in cells.columns:
+            values = [
+                mean if MISSING in (mean, sd) else f"{mean} ± {sd}"
+                for mean, sd in zip(values, cells[f"{column}{SD}"], strict=True)
+            ]
+        out[column] = values
+    return pd.DataFrame(out)
+
+
+def pvalue_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """The paired Wilcoxon p-values as shown in Markdown and LaTeX (``p (n=…)``), or ``None`` without any.
+
+    Parameters
+    ----------
+    df:
+        A table from one of the ``table*`` functions.
+    """
+    if VERSUS not in df.columns:
+        return None
+    rows = df[df[VERSUS].notna()]
+    if not len(rows):
+        return None
+    records = []
+    for _, row in rows.iterrows():
+        record = {"data": row["data"], "comparison": f"{row['model']} vs {row[VERSUS]}"}
+        for organ in ORGANS:
+            p, n = row[f"{organ} DC p"], row[f"{organ} DC n"]
+            if pd.isna(p):
+                record[f"{organ} DC p"] = MISSING
+                continue
+            note = f"n={int(n)}" + (", low power" if n < MIN_PAIRS else "")
+            record[f"{organ} DC p"] = f"{_format(f'{organ} DC p', float(p))} ({note})"
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+def _markdown_rows(cells: pd.DataFrame) -> list[str]:
+    """Header, alignment and body lines of a pipe table (text columns left, numbers right)."""
+    lines = ["| " + " | ".join(cells.columns) + " |"]
+    text = ("data", "model", "comparison")
+    lines.append("|" + "|".join("---" if c in text else "---:" for c in cells.columns) + "|")
+    lines += ["| " + " | ".join(str(v).replace("|", r"\|") for v in row) + " |" for row in cells.to_numpy()]
+    return lines
+
+
+PVALUE_NOTE = (
+    "p: two-sided paired Wilcoxon signed-rank test (scipy.stats.wilcoxon) per organ on the per-case Dice, "
+    "paired by (site, case); p = 1 when every difference is zero; n: pairs; with n < 6 pairs p cannot fall "
+    "below 0.05 (low power)."
+)
+
+
+def to_markdown(df: pd.DataFrame, caption: str) -> str:
+    """A pipe table with the caption as a bold first line, and the paired p-values in a second table.
+
+    Parameters
+    ----------
+    df, caption:
+        A table from one of the ``table*`` functions and its caption.
+    """
+    lines = [f"**{caption}**", "", *_markdown_rows(display_table(df))]
+    pvalues = pvalue_table(df)
+    if pvalues is not None:
+        lines += ["", f"*{PVALUE_NOTE}*", "", *_markdown_rows(pvalues)]
+    return "\n".join(lines) + "\n"
 
 
 _LATEX_SPECIAL = {
@@ -332,47 +620,59 @@ def _latex_escape(text: str) -> str:
     return re.sub(r"[\\&%_#${}~^]", lambda m: _LATEX_SPECIAL[m.group(0)], text)
 
 
-def to_markdown(df: pd.DataFrame, caption: str) -> str:
-    """A pipe table with the caption as a bold first line.
+def _latex_cell(text: str) -> str:
+    """Escape a cell, then typeset ± and < in math mode (text-mode glyphs depend on the font encoding)."""
+    return _latex_escape(text).replace("±", "$\\pm$").replace("<", "$<$")
 
-    Parameters
-    ----------
-    df, caption:
-        The formatted table and its caption.
-    """
-    cells = format_table(df)
-    lines = [f"**{caption}**", "", "| " + " | ".join(cells.columns) + " |"]
-    lines.append("|" + "|".join("---" if c in ("data", "model") else "---:" for c in cells.columns) + "|")
-    lines += ["| " + " | ".join(str(v).replace("|", r"\|") for v in row) + " |" for row in cells.to_numpy()]
-    return "\n".join(lines) + "\n"
+
+def _latex_tabular(cells: pd.DataFrame) -> list[str]:
+    """A booktabs ``tabular`` of formatted cells (text columns left, numbers right)."""
+    align = "".join("l" if c in ("data", "model", "comparison") else "r" for c in cells.columns)
+    lines = [
+        f"\\begin{{tabular}}{{{align}}}",
+        "\\toprule",
+        " & ".join(_latex_cell(c) for c in cells.columns) + " \\\\",
+        "\\midrule",
+    ]
+    lines += [" & ".join(_latex_cell(str(v)) for v in row) + " \\\\" for row in cells.to_numpy()]
+    return [*lines, "\\bottomrule", "\\end{tabular}"]
 
 
 def to_latex(df: pd.DataFrame, caption: str, label: str) -> str:
-    """A ``table`` environment with a booktabs ``tabular`` (needs ``\\usepackage{booktabs}``).
+    """A ``table`` environment with booktabs ``tabular``s (needs ``\\usepackage{booktabs}``).
 
     Parameters
     ----------
     df, caption:
-        The formatted table and its caption.
+        A table from one of the ``table*`` functions and its caption.
     label:
         The ``\\label`` key.
     """
-    cells = format_table(df)
-    align = "".join("l" if c in ("data", "model") else "r" for c in cells.columns)
     lines = [
         "\\begin{table}[t]",
         "\\centering",
         "\\scriptsize",
-        f"\\caption{{{_latex_escape(caption)}}}",
+        f"\\caption{{{_latex_cell(caption)}}}",
         f"\\label{{{label}}}",
-        f"\\begin{{tabular}}{{{align}}}",
-        "\\toprule",
-        " & ".join(_latex_escape(c) for c in cells.columns) + " \\\\",
-        "\\midrule",
+        *_latex_tabular(display_table(df)),
     ]
-    lines += [" & ".join(_latex_escape(str(v)) for v in row) + " \\\\" for row in cells.to_numpy()]
-    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    pvalues = pvalue_table(df)
+    if pvalues is not None:
+        lines += ["", "\\medskip", "", _latex_cell(PVALUE_NOTE), "", *_latex_tabular(pvalues)]
+    lines.append("\\end{table}")
     return "\n".join(lines) + "\n"
+
+
+def _integer_counts(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy with count columns as nullable integers, so the CSV reads ``3`` rather than ``3.0``."""
+    out = df.copy()
+    counts = (*COUNT_COLUMNS, "client iterations", "rounds", "total iterations")
+    for column in out.columns:
+        if column in counts or column.endswith(" n"):
+            values = pd.to_numeric(out[column], errors="coerce")
+            if (values.dropna() == values.dropna().round()).all():
+                out[column] = values.round().astype("Int64")
+    return out
 
 
 def write_table(df: pd.DataFrame, stem: str | os.PathLike[str], caption: str) -> list[Path]:
@@ -390,16 +690,36 @@ def write_table(df: pd.DataFrame, stem: str | os.PathLike[str], caption: str) ->
     stem = Path(stem)
     paths = [stem.with_suffix(s) for s in (".csv", ".md", ".tex")]
     with atomic_path(paths[0]) as tmp:
-        df.to_csv(tmp, index=False, na_rep=MISSING)
+        _integer_counts(df).to_csv(tmp, index=False, na_rep=MISSING)
     write_text(paths[1], to_markdown(df, caption))
     write_text(paths[2], to_latex(df, caption, label=f"tab:{stem.name}"))
     return paths
 
 
-NOTE = (
-    "DC: mean Dice over test cases; HD95: mean 95th-percentile Hausdorff distance in mm, original spacing, "
-    "over cases where both masks are non-empty; '-': not run."
-)
+CONVENTION_TEXT = {
+    "max": "the larger of the two directed 95th percentiles of surface distances (MONAI / DeepMind "
+    "surface-distance convention)",
+    "pooled": "the 95th percentile of both directions' surface distances pooled (medpy convention)",
+}
+
+
+def caption_note(convention: str) -> str:
+    """The sentence every caption ends with: what DC and HD95 are, the HD95 convention and the penalty.
+
+    Parameters
+    ----------
+    convention:
+        The HD95 convention of the metrics (``max`` or ``pooled``).
+    """
+    return (
+        "DC: Dice; HD95 (mm, original spacing): "
+        f"{CONVENTION_TEXT[check_convention(convention)]}; both averaged over test cases (± sample SD over "
+        "cases where shown). A missed organ "
+        "(reference present, prediction empty) or a spurious one (reference empty, prediction present) "
+        "counts in both means with Dice 0 and HD95 = the image diagonal in mm; 'missed' and 'spurious' "
+        "count such (case, organ) pairs per row; an organ absent from both masks has Dice 1 and no HD95. "
+        "'-': not run."
+    )
 
 
 def make_tables(
@@ -413,6 +733,8 @@ def make_tables(
     default_setting: str,
     modes: Sequence[str],
     benchmarks: Mapping[str, Sequence[str | os.PathLike[str]]] | None = None,
+    hd95_convention: str = DEFAULT_HD95,
+    budgets: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Build Tables 2-6 from the metrics CSVs and write ``{out_dir}/table{2..6}.{csv,md,tex}``.
 
@@ -430,8 +752,13 @@ def make_tables(
         Config ``adaptation.modes``.
     benchmarks:
         Setting name or model id -> benchmark files of the jobs that trained it (Table 5's time).
+    hd95_convention:
+        Config ``evaluation.hd95``; the metrics must have been computed with it (:func:`checked_convention`).
+    budgets:
+        ``pretrain`` and ``central`` iterations (:class:`fedpsmos.budgets.Budgets` as a dict) for Table 5.
     """
-    metrics = read_metrics(metrics_csvs)
+    metrics = read_metrics(metrics_csvs, require_flags=True)
+    note = caption_note(checked_convention(metrics, hd95_convention))
     out = Path(out_dir)
     ran = ", ".join(loss_label(c) for c in central_losses)
     tables = [
@@ -439,7 +766,7 @@ def make_tables(
             "table2",
             table2_losses(metrics, central_losses),
             f"Table 2. Loss-combination ablation of the central (non-FL) model; combinations run: {ran}. "
-            f"{NOTE}",
+            f"{note}",
         ),
         (
             "table3",
@@ -451,28 +778,36 @@ def make_tables(
                 modes=modes,
             ),
             f"Table 3. MargExc-style {loss_label(margexc)} against {loss_label(default_losses)} (central), "
-            f"federated ({default_setting}) and the best adaptation mode. {NOTE}",
+            f"federated ({default_setting}) and the best adaptation mode. {note}",
         ),
         (
             "table4",
             table4_federated(metrics, default_losses=default_losses, default_setting=default_setting),
-            f"Table 4. Federated ({default_setting}) against the central upper bound and site-alone models. "
-            f"{NOTE}",
+            f"Table 4. Federated ({default_setting}) against M0 (pretrained on site 1 only), the central "
+            f"upper bound and site-alone models. {note} Under the table: paired Wilcoxon p of M0 and site "
+            "alone vs federated.",
         ),
         (
             "table5",
             table5_settings(
-                metrics, settings=settings, default_losses=default_losses, benchmarks=benchmarks or {}
+                metrics,
+                settings=settings,
+                default_losses=default_losses,
+                benchmarks=benchmarks or {},
+                pretrain_iterations=None if budgets is None else int(budgets["pretrain"]),
+                central_iterations=None if budgets is None else int(budgets["central"]),
             ),
-            "Table 5. Federated settings: client iterations x rounds, mean over all sites and organs, and "
-            "total "
-            f"training time (sum of the Snakemake benchmark times of the training jobs). {NOTE}",
+            "Table 5. Federated settings: client iterations x rounds; total iterations: each site's local "
+            "iterations after M0 (the non-FL row: the central model's after M0), with M0: plus M0's; "
+            "mean over all sites and organs; training time: sum of the Snakemake benchmark times of the "
+            f"jobs that trained the model after M0. {note}",
         ),
         (
             "table6",
             table6_adaptation(metrics, default_setting=default_setting, modes=modes),
             f"Table 6. Site adaptation of the federated model ({default_setting}): all layers, decoder only, "
-            f"encoder only, each site's own model on its own test cases. {NOTE}",
+            f"encoder only, each site's own model on its own test cases. {note} Under the table: paired "
+            "Wilcoxon p of each mode vs federated.",
         ),
     ]
     paths: list[Path] = []

@@ -1,7 +1,8 @@
-"""Training (DESIGN.md "Training"): patch sampling and augmentation, the plateau lr rule, checkpoints, the
-trainer and its curves. Modules, one concept each:
+"""Training (docs/design.md "Training"): patch sampling and augmentation, the plateau lr rule, checkpoints,
+the trainer and its curves. Modules, one concept each:
 
-- ``sampler``: :class:`SiteData` and :class:`PatchSampler` (site uniformly, then a patch-index row uniformly).
+- ``sampler``: :class:`SiteData` and :class:`PatchSampler` (a site in proportion to its training cases,
+  then a patch-index row uniformly).
 - ``augmentation``: nnU-Net-style augmentation drawn from the sampler's generator.
 - ``schedule``: :class:`PlateauDecay`, the paper's lr x0.8 on a 10-epoch loss plateau.
 - ``checkpoint``: weights-only checkpoints with tensor integrity records (``save_checkpoint``,

@@ -1,12 +1,19 @@
-"""Patch sampling from the sites' patch indices (DESIGN.md "Training": 2 patches per iteration).
+"""Patch sampling from the sites' patch indices (paper Sec. 2.1: 2 patches per iteration).
 
-Each patch of a batch is drawn in two steps: a site uniformly at random among the sites given, then a row of
-that site's patch index uniformly (docs/architecture.md "Patch index": the rows are the kept patches, their
-``z, y, x`` the patch's lower corner). Drawing the site first gives every site the same share of patches
-whatever its size, as nnU-Net's sampler does for one data set and as pooling equally-weighted sites needs.
+Each patch of a batch is drawn in two steps: a site, then a row of that site's patch index uniformly (the rows
+are the kept patches, their ``z, y, x`` the patch's lower corner; docs/architecture.md "Patch index").
+
+How the site is drawn (``site_sampling``):
+
+- ``proportional`` (default): site ``k`` with probability ``n_k / n``, ``n_k`` its training cases. This is
+  what pooling the sites' cases into one data set and drawing a case uniformly does, and it gives each site
+  the share of the gradient that FedAvg's weights ``n_k / n`` give it, so the central upper bound differs
+  from the federated model in federation alone, not in how much each site counts.
+- ``uniform``: every site the same share whatever its size (one site's few cases are then seen more often).
+
 A batch may mix sites, each sample carrying its own labelled-class mask for the marginal and exclusion
-losses. The sampler opens only the ``.npz`` files of the sites it was given (DESIGN.md: each site's data is
-read only by that site's rules), lazily, keeping the most recently used cases in memory.
+losses. The sampler opens only the ``.npz`` files of the sites it was given (each site's data is read only
+by that site's rules), lazily, keeping the most recently used cases in memory.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from fedpsmos.training.augmentation import augment_batch
 from fedpsmos.training.checkpoint import numpy_generator_state, set_numpy_generator_state
 
 INDEX_COLUMNS = ("case", "z", "y", "x")
+SITE_SAMPLING = ("proportional", "uniform")
 
 
 class SamplerError(ValueError):
@@ -170,6 +178,7 @@ class PatchSampler:
         augment: bool,
         class_map: np.ndarray | None = None,
         cache_cases: int = 64,
+        site_sampling: str = "proportional",
     ) -> None:
         """Read the sites' patch indices (the cases themselves are loaded on first use).
 
@@ -190,6 +199,8 @@ class PatchSampler:
             ``[0, 1, 0, 0, 0, 0]``); ``None`` keeps the global classes.
         cache_cases:
             how many decoded cases to keep in memory (least recently used are dropped).
+        site_sampling:
+            ``proportional`` (a site with probability ``n_k / n``, as pooled data) or ``uniform``.
         """
         if not sites:
             raise SamplerError("no site to sample from")
@@ -207,6 +218,12 @@ class PatchSampler:
         self.augment = bool(augment)
         self.rng = np.random.default_rng(seed)
         self._indices = [_read_index(s) for s in sites]
+        if site_sampling not in SITE_SAMPLING:
+            raise SamplerError(f"site_sampling must be one of {SITE_SAMPLING}, got {site_sampling!r}")
+        sizes = np.array([len(s.npz_paths) for s in sites], dtype=np.float64)
+        self.site_probabilities = (
+            sizes / sizes.sum() if site_sampling == "proportional" else np.full(len(sites), 1.0 / len(sites))
+        )
         self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_size = max(1, int(cache_cases))
         self.opened: set[Path] = set()  # every .npz this sampler has read (the site boundary, tested)
@@ -253,10 +270,10 @@ class PatchSampler:
         return entry
 
     def _draw_rows(self) -> list[tuple[int, int, tuple[int, int, int]]]:
-        # (site number, case code, corner) per sample: a site uniformly, then one of its index rows uniformly.
+        # (site number, case code, corner) per sample: a site by its probability, then one row uniformly.
         out = []
         for _ in range(self.batch_size):
-            s = int(self.rng.integers(len(self._indices)))
+            s = int(self.rng.choice(len(self._indices), p=self.site_probabilities))
             index = self._indices[s]
             r = int(self.rng.integers(len(index.codes)))
             z, y, x = (int(v) for v in index.corners[r])

@@ -1,5 +1,8 @@
 # Configuration validation, wildcard constraints and the small helpers the rules use.
 
+import dataclasses
+
+from fedpsmos.budgets import iteration_budgets
 from fedpsmos.config import validate_config
 from fedpsmos.data.sources import case_ids
 from fedpsmos.organs import ORGANS, labelled_organs
@@ -127,13 +130,31 @@ def get_loss(wildcards):
     return COMBINATIONS[wildcards.losses]
 
 
+def site_split(site):
+    """A site's split settings: config `split`, overridden key by key by `sites.{site}.split`."""
+    return {**config["split"], **config["sites"][site].get("split", {})}
+
+
+def get_site_split(wildcards):
+    return site_split(wildcards.site)
+
+
+def site_validates(site):
+    """Whether a site holds out validation cases (then federated evaluation uses its selected model)."""
+    return int(site_split(site).get("validation_cases", 0)) > 0
+
+
 def get_model_file(wildcards):
-    """The model checkpoint behind a model id; site-alone and adapted models are one per site."""
+    """The model checkpoint behind a model id; site-alone and adapted models are one per site, and a
+    federated model is, with local validation on, the model the site selected (docs/federated.md).
+    """
     model = wildcards.model
     if model == "site_alone":
         return f"results/models/site_alone/{wildcards.site}/model.pt"
     if model.startswith("adapted/"):
         return f"results/models/{model}/{wildcards.site}/model.pt"
+    if model.startswith("federated/") and site_validates(wildcards.site):
+        return f"results/models/{model}/selected/{wildcards.site}.pt"
     return f"results/models/{model}/model.pt"
 
 
@@ -197,6 +218,24 @@ def get_federation_end(wildcards):
         setting=setting,
         b=range(n_blocks(setting)),
     )
+
+
+def get_selection_inputs(wildcards):
+    """What a site's model selection waits for: its last private state (per-round rules, where that file is
+    a rule output) or the last block, plus the last global model (the fallback without validation).
+    """
+    setting = wildcards.setting
+    if ROUNDS_PER_JOB == 1:
+        return {
+            "private": get_final_private(wildcards),
+            "global_model": get_last_global(wildcards),
+        }
+    return {"block": f"results/federated/{setting}/block_{n_blocks(setting) - 1}.json"}
+
+
+def get_final_private(wildcards):
+    """The site's private state after the last round (holds its running best model)."""
+    return f"results/federated/{wildcards.setting}/private/{wildcards.site}/round_{n_rounds(wildcards.setting)}.pt"
 
 
 def get_federated_settings(wildcards):
@@ -366,3 +405,45 @@ def get_round_records(wildcards):
         setting=wildcards.setting,
         r=range(1, n_rounds(wildcards.setting) + 1),
     )
+
+
+def get_qualitative_models(wildcards=None):
+    """Candidate columns of the qualitative figure: M0, site alone, the default federated setting, every
+    adaptation mode (the figure keeps the best by mean Dice) and the central model of the default losses.
+    """
+    central = LOSSES["default"] if LOSSES["default"] in CENTRAL_LOSSES else None
+    if central is None and CENTRAL_LOSSES:
+        central = CENTRAL_LOSSES[0]
+    candidates = {
+        "pretrain": ["pretrain"],
+        "site_alone": ["site_alone"],
+        "federated": [f"federated/{DEFAULT_SETTING}"],
+        "adapted": [f"adapted/{m}" for m in MODES],
+        "central": [f"central/{central}"] if central else [],
+    }
+    return [
+        m
+        for family, models in candidates.items()
+        if family in EVALUATED
+        for m in models
+    ]
+
+
+def get_budgets():
+    """Each model family's training iterations (Table 5's iteration columns)."""
+    return dataclasses.asdict(iteration_budgets(config))
+
+
+def get_table5_benchmarks(wildcards=None):
+    """Benchmark files of the jobs behind Table 5's rows: every federated setting and the central model."""
+    files = get_federated_benchmarks() if "federated" in EVALUATED else {}
+    default = LOSSES["default"]
+    if "central" in EVALUATED and default in CENTRAL_LOSSES:
+        files[f"central/{default}"] = [
+            f"results/benchmarks/train_central/{default}.tsv"
+        ]
+    return files
+
+
+def get_table5_benchmark_list(wildcards=None):
+    return [f for files in get_table5_benchmarks().values() for f in files]

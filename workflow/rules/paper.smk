@@ -4,7 +4,7 @@
 rule make_tables:
     input:
         metrics=get_all_metrics(),
-        benchmarks=get_federated_benchmark_list(),
+        benchmarks=get_table5_benchmark_list(),
     output:
         tables=[
             report(
@@ -27,7 +27,9 @@ rule make_tables:
         settings=SETTINGS,
         default_setting=DEFAULT_SETTING,
         modes=MODES,
-        benchmarks=get_federated_benchmarks(),
+        benchmarks=get_table5_benchmarks(),
+        hd95=config.get("evaluation", {}).get("hd95", "max"),
+        budgets=get_budgets(),
     script:
         "../../scripts/make_tables.py"
 
@@ -68,6 +70,8 @@ rule make_figures:
         "logs/make_figures/make_figures.log",
     conda:
         "../../envs/plotting.yaml"
+    params:
+        qualitative_models=get_qualitative_models(),
     script:
         "../../scripts/make_figures.py"
 
