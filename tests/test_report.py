@@ -44,8 +44,8 @@ SITES = ["site1", "site2", "site3", "site4", "site5"]
 FIGURES = {
     "Dice per organ and model": ("fig_dice_per_organ", "Dice per test case for each organ (panels)"),
     "Qualitative results": ("fig_qualitative", "Qualitative results (as the paper's Figure 2)"),
-    "Federated training curves": ("fig_federated_curves", "Federated training per round for each setting"),
-    "Training curves": ("fig_training_curves", "Training curves of every trained model"),
+    "Federated training curves": ("fig_federated_curves", "Federated training per round, one column"),
+    "Training curves": ("fig_training_curves", "Training curves grouped by model family"),
 }
 
 pytestmark = pytest.mark.skipif(
