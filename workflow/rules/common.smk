@@ -315,12 +315,6 @@ def get_federated_benchmarks(wildcards=None):
     return files
 
 
-def get_federated_benchmark_list(wildcards=None):
-    if "federated" not in EVALUATED:
-        return []
-    return [f for files in get_federated_benchmarks().values() for f in files]
-
-
 PAPER_TABLES = expand(
     "results/paper/table{n}.{ext}", n=[2, 3, 4, 5, 6], ext=["csv", "md", "tex"]
 )
