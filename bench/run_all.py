@@ -197,6 +197,28 @@ def rows_dryrun(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def rows_baselines(r: dict[str, Any]) -> list[Row]:
+    """Rows of ``bench_baselines``: training iterations of PIPO and PaNN over the plain net's, PIPO's size."""
+    setting = f"{r['device']}, patch {r['patch']}, batch {r['batch']}"
+    rows = [
+        _row(f"training iteration, PIPO + marginal Dice+CE ({setting})", "s", r["seconds_pipo"],
+             r["baseline"], r["seconds_plain"], r["ratio_pipo_over_plain"]),
+        _row("training iteration, PIPO over the plain net, both with marginal Dice+CE", "s",
+             r["seconds_pipo"], "PlainConvUNet + marginal Dice+CE", r["seconds_plain_marginal"],
+             r["ratio_pipo_over_plain_marginal"]),
+        _row("parameters, PIPO", "parameters", r["parameters_pipo"], "PlainConvUNet", r["parameters_plain"],
+             r["parameter_ratio_pipo_over_plain"]),
+    ]  # fmt: skip
+    if "seconds_panns" in r:
+        rows.append(
+            _row(f"training iteration, plain net + PaNN's prior-aware loss ({setting})", "s",
+                 r["seconds_panns"], r["baseline"], r["seconds_plain"], r["ratio_panns_over_plain"])
+        )  # fmt: skip
+    else:
+        rows.append(_row(f"PaNN: {r.get('note', 'not measured')}", "", None, r["baseline"], None, None))
+    return rows
+
+
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(obj, dict):
         out: dict[str, Any] = {}
@@ -222,6 +244,7 @@ EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "bench_inference": rows_inference,
     "bench_losses": rows_losses,
     "bench_dryrun": rows_dryrun,
+    "bench_baselines": rows_baselines,
 }
 
 

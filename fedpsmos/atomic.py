@@ -37,9 +37,10 @@ def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> It
 
 
 def write_text(target: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``target`` atomically."""
+    """Write ``text`` to ``target`` atomically, UTF-8 whatever the process locale (ITK's readers may have
+    switched it to "C")."""
     with atomic_path(target) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(target: str | os.PathLike[str], data: Any) -> None:

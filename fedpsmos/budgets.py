@@ -93,3 +93,24 @@ def budget_mismatches(config: Mapping[str, Any]) -> list[str]:
                 f"the central model {b.central}"
             )
     return problems
+
+
+def baseline_epochs(training: Mapping[str, Any], method: str) -> int:
+    """Training epochs of a Table 3 baseline, so that its budget is the central model's.
+
+    PaNN (``panns``) continues from M0 like the central model (``central_epochs``); PIPO (``pipo``) is another
+    network, which cannot start from M0's weights, so it trains from scratch for M0's and the central model's
+    epochs together.
+
+    Parameters
+    ----------
+    training:
+        the ``training`` section of the configuration.
+    method:
+        ``panns`` or ``pipo`` (config ``baselines.methods``).
+    """
+    if method == "panns":
+        return int(training["central_epochs"])
+    if method == "pipo":
+        return int(training["pretrain_epochs"]) + int(training["central_epochs"])
+    raise ValueError(f"unknown baseline method {method!r} (known: panns, pipo)")

@@ -1,5 +1,9 @@
 """The segmentation network: nnU-Net v2's 3D PlainConvUNet, with separable encoder and decoder.
 
+``NetworkSpec.architecture`` chooses the network: ``plain`` (the default, the paper's nnU-Net) or ``pipo``
+(:class:`fedpsmos.pipo.PipoUNet`, the pyramid-input / pyramid-output baseline of Table 3, same topology plus
+pyramid-input branches). Specs and checkpoint metas without the key are plain.
+
 docs/design.md "Training": a 3D nnU-Net (``PlainConvUNet`` from ``dynamic_network_architectures``, the
 package nnU-Net v2 builds its networks with), instance norm, deep supervision. Site adaptation (paper Sec.
 2.3, docs/design.md "Site adaptation and site-alone baselines") trains ``full`` (all layers), ``decoder``
@@ -23,7 +27,11 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
+from fedpsmos.pipo import PipoUNet
+
 ADAPTATION_MODES: tuple[str, ...] = ("full", "decoder", "encoder")
+# "plain": nnU-Net's PlainConvUNet; "pipo": pyramid input / pyramid output (fedpsmos.pipo, Table 3 baseline).
+ARCHITECTURES: tuple[str, ...] = ("plain", "pipo")
 
 
 class NetworkSpecError(ValueError):
@@ -46,7 +54,8 @@ class NetworkSpec:
 
     ``strides[i]`` and ``kernel_sizes[i]`` are per stage in (z, y, x); ``conv_per_stage`` is an int or one
     entry per encoder stage; the decoder uses the same count for its ``n_stages - 1`` stages (nnU-Net
-    default).
+    default). ``architecture`` is ``plain`` or ``pipo`` (same topology with pyramid input, which needs at
+    least two convolutions in every stage after the first).
     """
 
     features: tuple[int, ...]
@@ -56,6 +65,7 @@ class NetworkSpec:
     deep_supervision: bool
     num_classes: int
     in_channels: int = 1
+    architecture: str = "plain"
 
     def __post_init__(self) -> None:
         # Normalise lists (from YAML/JSON) to tuples so specs compare and hash by value.
@@ -83,11 +93,25 @@ class NetworkSpec:
             )
         if self.in_channels < 1:
             raise NetworkSpecError(f"network in_channels: need at least 1, got {self.in_channels}")
+        if self.architecture not in ARCHITECTURES:
+            raise NetworkSpecError(
+                f"network architecture: unknown {self.architecture!r} (known: {', '.join(ARCHITECTURES)})"
+            )
+        if self.architecture == "pipo" and min(self.encoder_convs()[1:]) < 2:
+            raise NetworkSpecError(
+                "network conv_per_stage: the pipo architecture needs at least 2 convolutions in every stage "
+                f"after the first, got {self.conv_per_stage}"
+            )
 
     @property
     def n_stages(self) -> int:
         """Number of resolution stages of the encoder."""
         return len(self.features)
+
+    def encoder_convs(self) -> list[int]:
+        """Convolutions of each encoder stage (``conv_per_stage`` expanded to one entry per stage)."""
+        cps = self.conv_per_stage
+        return [cps] * self.n_stages if isinstance(cps, int) else list(cps)
 
     def total_stride(self) -> tuple[int, int, int]:
         """Product of the strides per axis: patch sizes must be divisible by it."""
@@ -97,9 +121,13 @@ class NetworkSpec:
         return (total[0], total[1], total[2])
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (lists, ints, bools) for checkpoints and JSON."""
+        """Plain-data form (lists, ints, bools) for checkpoints and JSON.
+
+        ``architecture`` is written only when it is not ``plain``, so a plain spec's dict (and the checkpoint
+        metas and resume checks built on it) is the same as before the key existed.
+        """
         cps = self.conv_per_stage
-        return {
+        data: dict[str, Any] = {
             "features": list(self.features),
             "strides": [list(s) for s in self.strides],
             "kernel_sizes": [list(k) for k in self.kernel_sizes],
@@ -108,6 +136,9 @@ class NetworkSpec:
             "num_classes": int(self.num_classes),
             "in_channels": int(self.in_channels),
         }
+        if self.architecture != "plain":
+            data["architecture"] = self.architecture
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NetworkSpec:
@@ -116,7 +147,8 @@ class NetworkSpec:
         Parameters
         ----------
         data:
-            mapping with every field of the spec (``in_channels`` optional).
+            mapping with every field of the spec (``in_channels`` optional, ``architecture`` optional and
+            ``plain`` when missing, as in checkpoints written before it existed).
         """
         missing = [
             k
@@ -133,6 +165,7 @@ class NetworkSpec:
             deep_supervision=bool(data.get("deep_supervision", True)),
             num_classes=int(data["num_classes"]),
             in_channels=int(data.get("in_channels", 1)),
+            architecture=str(data.get("architecture", "plain")),
         )
 
     @classmethod
@@ -142,7 +175,8 @@ class NetworkSpec:
         Parameters
         ----------
         network:
-            the ``network`` section (features, strides, kernel_sizes, conv_per_stage, deep_supervision).
+            the ``network`` section (features, strides, kernel_sizes, conv_per_stage, deep_supervision and
+            optionally architecture).
         num_classes:
             output channels: background plus the organs the model segments.
         """
@@ -172,11 +206,12 @@ def paper_network_spec(num_classes: int = 6) -> NetworkSpec:
     )
 
 
-def build_network(spec: NetworkSpec, *, seed: int | None = None) -> PlainConvUNet:
-    """Build the PlainConvUNet of ``spec`` with nnU-Net v2's layers and He initialisation.
+def build_network(spec: NetworkSpec, *, seed: int | None = None) -> PlainConvUNet | PipoUNet:
+    """Build the network of ``spec`` with nnU-Net v2's layers and He initialisation.
 
     Conv3d with bias, InstanceNorm3d (eps 1e-5, affine), LeakyReLU (slope 1e-2, in place), as nnU-Net v2's
-    default 3d_fullres configuration.
+    default 3d_fullres configuration. ``spec.architecture`` picks ``PlainConvUNet`` or
+    :class:`fedpsmos.pipo.PipoUNet`.
 
     Parameters
     ----------
@@ -185,11 +220,9 @@ def build_network(spec: NetworkSpec, *, seed: int | None = None) -> PlainConvUNe
     seed:
         seeds the weight initialisation without touching the global torch generator; ``None`` uses it.
     """
-    cps = spec.conv_per_stage
-    encoder_convs = [cps] * spec.n_stages if isinstance(cps, int) else list(cps)
-    net = PlainConvUNet(
+    encoder_convs = spec.encoder_convs()
+    common: dict[str, Any] = dict(
         input_channels=spec.in_channels,
-        n_stages=spec.n_stages,
         features_per_stage=list(spec.features),
         conv_op=nn.Conv3d,
         kernel_sizes=[list(k) for k in spec.kernel_sizes],
@@ -200,11 +233,15 @@ def build_network(spec: NetworkSpec, *, seed: int | None = None) -> PlainConvUNe
         conv_bias=True,
         norm_op=nn.InstanceNorm3d,
         norm_op_kwargs={"eps": 1e-5, "affine": True},
-        dropout_op=None,
         nonlin=nn.LeakyReLU,
         nonlin_kwargs={"inplace": True},
         deep_supervision=spec.deep_supervision,
     )
+    net: PlainConvUNet | PipoUNet
+    if spec.architecture == "pipo":
+        net = PipoUNet(**common)
+    else:
+        net = PlainConvUNet(n_stages=spec.n_stages, dropout_op=None, **common)
     if seed is None:
         net.apply(InitWeights_He(1e-2))
     else:

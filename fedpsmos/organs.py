@@ -17,6 +17,9 @@ CLASSES: tuple[str, ...] = ("background", *ORGANS)
 NUM_CLASSES = len(CLASSES)  # C + 1 = 6
 CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
 SPLIT_KIDNEY = "kidney"  # one kidney label, split left/right by body side
+# Global label value of voxels whose class is unknown (a site's ``ignore`` values): left out of every loss
+# term and every metric, as nnU-Net's ignore label. Never a network output channel.
+IGNORE_CLASS = 255
 
 
 class LabelMapError(ValueError):

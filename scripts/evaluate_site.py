@@ -12,7 +12,6 @@ def main(snakemake) -> None:
     evaluate_site(
         predictions_dir=snakemake.input.predictions,
         manifest_path=snakemake.input.manifest,
-        labels=dict(snakemake.params.labels),
         model=str(snakemake.params.model),
         site=str(snakemake.params.site),
         out_csv=snakemake.output.metrics,

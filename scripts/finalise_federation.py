@@ -4,6 +4,7 @@ import logging
 import sys
 
 from fedpsmos.federated.curves import finalise_federation
+from fedpsmos.preprocessing.fingerprint import read_settings
 
 
 def main(snakemake) -> None:
@@ -15,6 +16,7 @@ def main(snakemake) -> None:
         out_curve_csv=snakemake.output.csv,
         out_curve_png=snakemake.output.png,
         setting=snakemake.params.get("setting"),
+        preprocessing=read_settings(snakemake.input.settings),
     )
 
 

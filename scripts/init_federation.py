@@ -4,11 +4,17 @@ import logging
 import sys
 
 from fedpsmos.federated.rounds import init_global
+from fedpsmos.preprocessing.fingerprint import read_settings
 
 
 def main(snakemake) -> None:
     """Write round 0's global model from the pretrained model."""
-    init_global(snakemake.input.model, snakemake.output.global_model)
+    init_global(
+        snakemake.input.model,
+        snakemake.output.global_model,
+        preprocessing=read_settings(snakemake.input.settings),
+        patch_size=[int(p) for p in snakemake.params.patch_size],
+    )
 
 
 if "snakemake" in globals():

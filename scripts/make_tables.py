@@ -21,6 +21,7 @@ def main(snakemake) -> None:
         benchmarks={k: list(v) for k, v in dict(snakemake.params.benchmarks).items()},
         hd95_convention=str(snakemake.params.get("hd95", "max")),
         budgets=dict(snakemake.params.budgets),
+        baselines=list(snakemake.params.get("baselines", [])),
     )
     missing = {str(p) for p in snakemake.output} - {str(p) for p in written}
     if missing:

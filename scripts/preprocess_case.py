@@ -3,21 +3,22 @@
 import sys
 
 from fedpsmos.preprocessing.case import preprocess_manifest_case
+from fedpsmos.preprocessing.fingerprint import read_settings
 
 
 def main(snakemake) -> None:
-    """Preprocess the rule's case (looked up in the manifest) with the rule's params."""
+    """Preprocess the rule's case (looked up in the manifest) with the resolved preprocessing settings."""
     params = snakemake.params
+    settings = read_settings(snakemake.input.settings)  # rule preprocessing_settings: `auto` resolved
     preprocess_manifest_case(
         snakemake.input.manifest,
         str(params.case),
         snakemake.output.npz,
-        labels={organ: [int(v) for v in values] for organ, values in dict(params.labels).items()},
-        spacing=[float(s) for s in params.spacing],
-        image_order=int(params.image_order),
-        clip=[float(c) for c in params.clip],
-        mean=float(params.mean),
-        std=float(params.std),
+        spacing=[float(s) for s in settings["spacing"]],
+        image_order=int(settings["image_order"]),
+        clip=[float(c) for c in settings["clip"]],
+        mean=float(settings["mean"]),
+        std=float(settings["std"]),
     )
 
 

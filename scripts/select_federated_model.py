@@ -4,6 +4,7 @@ import logging
 import sys
 
 from fedpsmos.federated.site_round import write_selected_model
+from fedpsmos.preprocessing.fingerprint import read_settings
 
 
 def main(snakemake) -> None:
@@ -15,6 +16,7 @@ def main(snakemake) -> None:
         out_model=snakemake.output.model,
         site=str(params.site),
         setting=str(params.setting),
+        preprocessing=read_settings(snakemake.input.settings),
     )
 
 

@@ -96,6 +96,18 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _keep_locale():
+    """ITK's file readers and writers may switch the process locale to "C" (ASCII) while they parse numbers
+    and not switch it back; the next test's text files would then be written in ASCII. Restore it."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    if locale.setlocale(locale.LC_ALL) != saved:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The whole workflow (`all`) run once per test session on the tiny config (config/ci.yaml); its

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
-from fedpsmos.budgets import budget_mismatches, iteration_budgets
+from fedpsmos.budgets import baseline_epochs, budget_mismatches, iteration_budgets
 from fedpsmos.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,17 @@ def test_budgets_count_every_iteration_behind_a_model() -> None:
 def test_the_default_run_compares_models_with_equal_budgets() -> None:
     config = load_config(ROOT / "config.yaml")
     assert budget_mismatches(config) == []
+
+
+def test_table3_baselines_get_the_central_models_budget() -> None:
+    # PaNN continues from M0 (its iterations count, as for the central model); PIPO starts from scratch.
+    config = load_config(ROOT / "config.yaml")
+    b = iteration_budgets(config)
+    per_epoch = int(config["training"]["iterations_per_epoch"])
+    assert b.pretrain + baseline_epochs(config["training"], "panns") * per_epoch == b.central_total
+    assert baseline_epochs(config["training"], "pipo") * per_epoch == b.central_total
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baseline_epochs(config["training"], "unet")
 
 
 def test_the_paper_config_keeps_the_papers_budgets() -> None:

@@ -81,3 +81,23 @@ def test_unreadable_config_file_is_named(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="missing.yaml: cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_site_background_ignore_and_dataset_json_names(default_config: dict) -> None:
+    # Prepare: a real (nnU-Net) site naming its labels from its dataset.json, with background and ignore
+    config = copy.deepcopy(default_config)
+    real = {"source": "nnunet", "path": "/data/btcv", "labels": {"liver": ["liver"], "spleen": [1]}}
+    config["sites"]["site9"] = {**real, "background": ["gallbladder", 8], "ignore": [255]}
+    validate_config(config, source="config.yaml")
+    config["sites"]["site9"]["background"] = "rest"
+    validate_config(config, source="config.yaml")
+    # Execute / Assert: a value in two groups, names on a synthetic site, a background that is neither
+    bad = [
+        ({**real, "labels": {"spleen": [1]}, "background": [1]}, "sites.site9: label value 1 is in both"),
+        ({**default_config["sites"]["site2"], "labels": {"liver": ["liver"]}}, "sites.site9: a synthetic"),
+        ({**real, "background": "all"}, "sites.site9.background"),
+    ]
+    for site, message in bad:
+        config["sites"]["site9"] = site
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            validate_config(config, source="config.yaml")

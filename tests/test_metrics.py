@@ -289,3 +289,61 @@ def test_evaluate_site_flags_spurious_and_absent_organs(tmp_path):
             out_csv=tmp_path / "m2.csv",
             hd95_convention="median",
         )
+
+
+def test_ignored_voxels_are_left_out_of_dice_and_hd95():
+    # Prepare: on a 1 x 1 x 8 row, reference organ at x 1..4 with x 3..4 ignored; prediction at x 2..5
+    ref = np.zeros((1, 1, 8), dtype=bool)
+    ref[0, 0, 1:5] = True
+    pred = np.zeros_like(ref)
+    pred[0, 0, 2:6] = True
+    ignore = np.zeros_like(ref)
+    ignore[0, 0, 3:5] = True
+    # Without ignore: |P∩R| = 3 (x 2..4), |P| + |R| = 8 -> 0.75. With x 3..4 removed from both masks:
+    # R = {1, 2}, P = {2, 5}, |P∩R| = 1, |P| + |R| = 4 -> 0.5.
+    assert dice(pred, ref) == pytest.approx(0.75)
+    assert dice(pred, ref, ignore=ignore) == pytest.approx(0.5)
+    # HD95 on what is left: every voxel is surface; distances P->R: 2->2 is 0, 5->2 is 3; R->P: 1->2 is 1,
+    # 2->2 is 0. max convention: max(95th pct of [0, 3], 95th pct of [1, 0]) = max(2.85, 0.95).
+    assert hd95(pred, ref, (1.0, 1.0, 1.0), ignore=ignore) == pytest.approx(2.85)
+    # masks lying wholly in the ignored region: both empty once it is removed (Dice 1, HD95 NaN)
+    assert dice(ignore, ignore, ignore=ignore) == 1.0
+    assert math.isnan(hd95(ignore, ignore, (1.0, 1.0, 1.0), ignore=ignore))
+    with pytest.raises(ValueError, match="ignore"):
+        dice(pred, ref, ignore=ignore[..., :4])
+
+
+def test_evaluate_site_uses_the_manifest_label_map_and_skips_ignored_voxels(tmp_path):
+    # Prepare: a liver site whose manifest maps 1 -> liver, 6 -> background, 9 -> ignore (unknown class)
+    ref = np.zeros((4, 6, 6), dtype=np.uint8)
+    ref[1:3, 1:3, 1:3] = 1  # liver, 8 voxels
+    ref[1:3, 1:3, 3:5] = 9  # unknown, 8 voxels next to it
+    ref[0, 5, 5] = 6  # a structure outside the task
+    pred = np.zeros_like(ref)
+    pred[1:3, 1:3, 1:5] = 1  # liver over the liver and the unknown region: not penalised there
+    pred[3, 0, 0] = 1  # one false positive voxel
+    _write(ref, tmp_path / "lab.nii.gz")
+    (tmp_path / "pred").mkdir()
+    _write(pred, tmp_path / "pred" / "c1.nii.gz")
+    manifest = {
+        "labels": {"liver": [1]},
+        "background": [6],
+        "ignore": [9],
+        "cases": [{"case": "c1", "label": "lab.nii.gz"}],
+        "test": ["c1"],
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+
+    # Execute: no labels argument, as the workflow calls it
+    frame = evaluate_site(
+        predictions_dir=tmp_path / "pred",
+        manifest_path=tmp_path / "manifest.json",
+        model="pretrain",
+        site="s",
+        out_csv=tmp_path / "m.csv",
+    )
+
+    # Assert: Dice 2 * 8 / (9 + 8): the 8 predicted voxels in the ignored region count nowhere
+    (row,) = frame.itertuples()
+    assert row.organ == "liver" and row.dice == pytest.approx(16 / 17)
+    assert not row.missed and not row.spurious

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fedpsmos.paper.models import model_name, parse_model_id
-from fedpsmos.paper.tables import make_tables, table2_losses, table5_settings, write_table
+from fedpsmos.paper.tables import make_tables, table2_losses, table3_margexc, table5_settings, write_table
 
 ORGANS5 = ["liver", "spleen", "pancreas", "kidney_left", "kidney_right"]
 
@@ -36,9 +36,51 @@ def test_model_names():
     assert model_name("adapted/decoder") == "FL + adaptation (decoder)"
     assert model_name("adapted/full") == "FL + adaptation (all layers)"
     assert model_name("site_alone") == "site alone"
+    assert model_name("baseline/panns") == "PaNN (central)"
+    assert model_name("baseline/pipo") == "PIPO (central)"
     assert parse_model_id("central/x") == ("central", "x")
     with pytest.raises(ValueError, match="unknown model id"):
         parse_model_id("federated")
+    with pytest.raises(ValueError, match="unknown model id"):
+        parse_model_id("baseline")
+
+
+def test_table3_rows_baselines_first():
+    # Prepare: PaNN ran on site1 and site2; PIPO did not run
+    metrics = pd.concat(
+        [
+            _metrics(),
+            pd.DataFrame(
+                [
+                    ("baseline/panns", "site1", "a", "liver", 0.6, 2.0),
+                    ("baseline/panns", "site2", "c", "liver", 0.4, 6.0),
+                ],
+                columns=["model", "site", "case", "organ", "dice", "hd95"],
+            ),
+        ],
+        ignore_index=True,
+    )
+    # Execute
+    table = table3_margexc(
+        metrics,
+        margexc="dice_ce",
+        default_losses="dice_ce_lovasz",
+        default_setting="V2",
+        modes=["full", "decoder"],
+        baselines=["panns", "pipo"],
+    )
+    # Assert: the paper's order, PaNN's own values, a '-' row (NaN) for PIPO
+    full = table[table["data"].str.contains("fully")]
+    assert list(full["model"])[:3] == [
+        "PaNN (central)",
+        "PIPO (central)",
+        f"MargExc-style losses: {model_name('central/dice_ce')}",
+    ]
+    rows = table.set_index(["data", "model"])
+    partial = [d for d in table["data"].unique() if "partially" in d][0]
+    assert rows.loc[(partial, "PaNN (central)"), "liver DC"] == pytest.approx(0.4)
+    assert full.set_index("model").loc["PaNN (central)", "liver DC"] == pytest.approx(0.6)
+    assert full.set_index("model").loc["PIPO (central)"].drop("data").isna().all()
 
 
 def test_table2_values_and_missing_rows():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -206,13 +207,13 @@ def test_preprocess_case_writes_npz_contract(tmp_path):
 def test_preprocess_manifest_case_looks_up_files(tmp_path):
     img, lab, _, _ = _case(tmp_path)
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(f'{{"cases": [{{"case": "c1", "image": "{img}", "label": "{lab}"}}]}}')
-    info = preprocess_manifest_case(
-        manifest, "c1", tmp_path / "c1.npz", labels={"liver": [1, 2], "kidney": [3]}, **SETTINGS
-    )
+    labels = {"liver": [1, 2], "kidney": [3]}  # the manifest's resolved label map
+    cases = [{"case": "c1", "image": str(img), "label": str(lab)}]
+    manifest.write_text(json.dumps({"labels": labels, "background": [], "ignore": [], "cases": cases}))
+    info = preprocess_manifest_case(manifest, "c1", tmp_path / "c1.npz", **SETTINGS)
     assert (tmp_path / "c1.npz").is_file() and info["voxels"]["kidney_left"] > 0
     with pytest.raises(PreprocessingError, match="c2"):
-        preprocess_manifest_case(manifest, "c2", tmp_path / "c2.npz", labels={"liver": [1]}, **SETTINGS)
+        preprocess_manifest_case(manifest, "c2", tmp_path / "c2.npz", **SETTINGS)
 
 
 def test_preprocess_case_errors_name_the_file(tmp_path):

@@ -7,6 +7,7 @@ rules; the aggregation rule reads only model weights.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -15,13 +16,16 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import SimpleITK as sitk
 import torch
 
 from fedpsmos.federated import aggregation, paths, rounds, site_round
 from fedpsmos.network import NetworkSpec, build_network
 from fedpsmos.organs import ORGANS
+from fedpsmos.preprocessing.fingerprint import N_BINS, site_fingerprint
 from fedpsmos.training.checkpoint import load_checkpoint
 from fedpsmos.training.selection import score_on_validation
+from tests.test_fingerprint import AUTO, make_site
 from tests.test_rounds import (
     ITERS,
     LOSS,
@@ -33,6 +37,7 @@ from tests.test_rounds import (
     run_rounds,
     validation_of,
 )
+from tests.workflow_helpers import dry_run_jobs, snakemake
 
 torch.set_num_threads(1)
 
@@ -220,3 +225,65 @@ def test_selection_state_stays_private_and_out_of_the_aggregator_files(one_round
         == []
     )
     assert paths.site_input_violations([final_private], "site2", ["site1", "site2"]) != []
+
+
+# ---------------------------------------------------------------- the federated data fingerprint
+
+
+def test_site_fingerprint_rule_reads_only_its_own_site(tmp_path: Path) -> None:
+    # Prepare: the tiny config's DAG with every preprocessing setting `auto`
+    (tmp_path / "auto.yaml").write_text(json.dumps(AUTO))
+    overlays = ["config/ci.yaml", tmp_path / "auto.yaml"]
+    # Execute
+    jobs = dry_run_jobs(snakemake(tmp_path / "run", "-n", "--forceall", "all", overlays=overlays).stdout)
+    # Assert: a site's summary reads its own manifest only; the merge reads summaries only, no site data
+    sites = sorted({j["wildcards"]["site"] for j in jobs if j["rule"] == "site_fingerprint"})
+    assert len(sites) == 5
+    for job in jobs:
+        if job["rule"] == "site_fingerprint":
+            site = job["wildcards"]["site"]
+            assert job["input"] == [f"results/data/{site}/manifest.json"]
+            assert paths.site_input_violations(job["input"], site, sites) == []
+        if job["rule"] == "merge_fingerprints":
+            assert sorted(job["input"]) == [f"results/data/{s}/fingerprint.json" for s in sites]
+        if job["rule"] == "preprocessing_settings":
+            assert job["input"] == ["results/data/fingerprint.json"]
+
+
+def _lists(value: Any) -> list[int]:
+    """Lengths of every list in a JSON value."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _lists(v)]
+    if isinstance(value, list):
+        return [len(value)] + [n for v in value for n in _lists(v)]
+    return []
+
+
+def test_site_fingerprint_holds_no_per_voxel_data_and_opens_no_test_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: two sites of 4 cases each, one with about 27 times as many voxels; spy on native image reads
+    small = make_site(tmp_path, "siteA", 4, seed=1)
+    large = make_site(tmp_path, "siteB", 4, seed=1, scale=3)
+    read_images: list[str] = []
+    real = sitk.ReadImage
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> sitk.Image:
+        read_images.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(sitk, "ReadImage", spy)
+    # Execute
+    with recording(monkeypatch) as opened:
+        summaries = [site_fingerprint(site["manifest"]) for site in (small, large)]
+    # Assert: the same structure and list sizes whatever the voxel count; every list is a spacing triple,
+    # the spacings of the 3 training and validation cases, or the fixed histogram
+    assert summaries[1]["moments"]["count"] > 20 * summaries[0]["moments"]["count"]
+    assert _lists(summaries[0]) == _lists(summaries[1])
+    assert max(_lists(summaries[1])) == N_BINS and set(_lists(summaries[1])) == {N_BINS, 3}
+    assert abs(len(json.dumps(summaries[1])) - len(json.dumps(summaries[0]))) < 2000
+    # only the site's own manifest and its training and validation images, never its test case
+    test_cases = {json.loads(s["manifest"].read_text())["test"][0] for s in (small, large)}
+    assert read_images and not [p for p in read_images if any(c in p for c in test_cases)]
+    ours = {p for p in _resolved(opened) if tmp_path.resolve() in p.parents}
+    assert ours == {small["manifest"].resolve(), large["manifest"].resolve()}

@@ -25,6 +25,7 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 GPU_RULES = {
     "pretrain",
     "train_central",
+    "train_baseline",
     "train_site_alone",
     "train_site_round",
     "run_round_block",

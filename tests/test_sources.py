@@ -120,3 +120,118 @@ def test_missing_folders_and_no_cases_name_the_folder(tmp_path):
         list_cases("dicom", tmp_path, site="s")
     with pytest.raises(DataError, match=rf"{tmp_path / 'nope'}"):
         case_ids("msd", tmp_path / "nope", site="s", spec=None)
+
+
+# ---------------------------------------------------------------- the files source (data sets as downloaded)
+
+
+def _touch(root, *names):
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+
+BTCV = {"images": "img/img{case}.nii.gz", "labels": "label/label{case}.nii.gz"}
+KITS = {"images": "case_{case}/imaging.nii.gz", "labels": "case_{case}/segmentation.nii.gz"}
+LITS = {"images": "*/volume-{case}.nii", "labels": "*/segmentation-{case}.nii"}
+
+
+def test_files_source_reads_template_names(tmp_path):
+    _touch(tmp_path, "img/img0002.nii.gz", "img/img0001.nii.gz", "label/label0002.nii.gz")
+    _touch(tmp_path, "label/label0001.nii.gz", "label/._label0003.nii.gz", "label/notes.txt")
+
+    cases = list_cases("files", tmp_path, site="site1", files=BTCV)
+
+    assert cases == [
+        CaseFiles("0001", tmp_path / "img/img0001.nii.gz", tmp_path / "label/label0001.nii.gz"),
+        CaseFiles("0002", tmp_path / "img/img0002.nii.gz", tmp_path / "label/label0002.nii.gz"),
+    ]
+    assert case_ids("files", tmp_path, site="site1", spec=None, files=BTCV) == ["0001", "0002"]
+
+
+def test_files_source_case_in_folder_name_skips_unlabelled_images(tmp_path, caplog):
+    _touch(tmp_path, "case_00000/imaging.nii.gz", "case_00000/segmentation.nii.gz")
+    _touch(tmp_path, "case_00001/imaging.nii.gz", "case_00001/segmentation.nii.gz")
+    _touch(tmp_path, "case_00210/imaging.nii.gz", "kits.json")  # a test case: imaging only
+
+    with caplog.at_level("INFO", logger="fedpsmos.data.sources"):
+        cases = list_cases("files", tmp_path, site="site5", files=KITS)
+
+    assert [c.case for c in cases] == ["00000", "00001"]
+    assert cases[1].image == tmp_path / "case_00001" / "imaging.nii.gz"
+    assert "1 images without a label are not cases" in caplog.text and "00210" in caplog.text
+
+
+def test_files_source_wildcard_folders(tmp_path):
+    _touch(tmp_path, "Training Batch 1/volume-0.nii", "Training Batch 1/segmentation-0.nii")
+    _touch(tmp_path, "Training Batch 2/volume-28.nii", "Training Batch 2/segmentation-28.nii")
+    _touch(tmp_path, "Training Batch 2/volume-29.nii.gz", "Training Batch 2/segmentation-29.nii.gz")
+
+    cases = list_cases("files", tmp_path, site="site2", files=LITS)
+
+    assert [(c.case, c.image.parent.name, c.label.name) for c in cases] == [
+        ("0", "Training Batch 1", "segmentation-0.nii"),
+        ("28", "Training Batch 2", "segmentation-28.nii"),
+    ]
+
+
+def test_files_source_errors_name_the_file(tmp_path):
+    _touch(tmp_path, "Training Batch 1/volume-0.nii", "Training Batch 1/segmentation-0.nii")
+    _touch(tmp_path, "Training Batch 2/segmentation-1.nii")
+    with pytest.raises(
+        DataError, match=r"segmentation-1\.nii: label of case 1 has no image '\*/volume-1\.nii'"
+    ):
+        list_cases("files", tmp_path, site="s", files=LITS)
+
+    _touch(tmp_path, "Training Batch 2/volume-1.nii", "copy/volume-0.nii")
+    with pytest.raises(
+        DataError, match=r"segmentation-0\.nii: case 0 has 2 image files .*copy/volume-0\.nii"
+    ):
+        list_cases("files", tmp_path, site="s", files=LITS)
+
+    _touch(tmp_path, "copy/segmentation-0.nii")
+    with pytest.raises(DataError, match=r"case 0 has a second label file"):
+        list_cases("files", tmp_path, site="s", files=LITS)
+
+    other = tmp_path / "other"
+    _touch(other, "label/label a.nii.gz")
+    with pytest.raises(DataError, match=r"label a\.nii\.gz: case id ' a' may hold only letters"):
+        list_cases(
+            "files",
+            other,
+            site="s",
+            files={"images": "img{case}.nii.gz", "labels": "label/label{case}.nii.gz"},
+        )
+    with pytest.raises(DataError, match=rf"{tmp_path}: site s has no cases \(no file matches files.labels"):
+        list_cases("files", tmp_path, site="s", files=BTCV)
+    with pytest.raises(DataError, match="a files source needs its 'files' templates"):
+        list_cases("files", tmp_path, site="s")
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (
+            {"images": "img/img.nii.gz", "labels": "l/{case}.nii.gz"},
+            r"files\.images: .* \{case\} field exactly once",
+        ),
+        ({"images": "i/{case}{case}.nii", "labels": "l/{case}.nii"}, r"files\.images: .* exactly once"),
+        (
+            {"images": "i/{case}.nii", "labels": "/abs/{case}.nii"},
+            r"files\.labels: .* relative to the site folder",
+        ),
+        ({"images": "i/{case}.nii", "labels": "../l/{case}.nii"}, r"files\.labels: .* '\.\.' folder"),
+        (
+            {"images": "i/{case}.png", "labels": "l/{case}.nii"},
+            r"files\.images: .* must end in one of \.nii\.gz",
+        ),
+        ({"images": "i/{case}_*.nii", "labels": "l/{case}.nii"}, r"files\.images: .* folder names only"),
+        ({"images": "i/{id}{case}.nii", "labels": "l/{case}.nii"}, r"files\.images: .* a field other than"),
+        ({"images": "i/{case}.nii", "labels": "i/{case}.nii"}, r"are the same template"),
+        ({"images": "i/{case}.nii"}, r"site s: files must map exactly images and labels"),
+    ],
+)
+def test_files_source_bad_templates(tmp_path, files, message):
+    with pytest.raises(DataError, match=rf"site s: {message}" if message.startswith("files") else message):
+        list_cases("files", tmp_path, site="s", files=files)

@@ -162,6 +162,62 @@ def test_unknown_organ_in_label_map_is_refused(tmp_path, write_raw_case):
         _manifest(tmp_path, tmp_path / "raw", labels={"heart": [1]})
 
 
+def _btcv_like_site(root, write_raw_case, dataset_json=None):
+    """Three cases whose labels hold 1 liver, 2 spleen, 3 gallbladder and 4 an unknown structure."""
+    image, label = tiny_ct()
+    label[1:-1, 4, 4] = 3
+    label[1, 3, 5] = 4
+    for i in range(3):
+        write_raw_case(root, f"c{i}", image, label, dataset_json=dataset_json)
+    return label
+
+
+def test_manifest_records_resolved_background_and_ignore(tmp_path, write_raw_case):
+    root = tmp_path / "raw"
+    _btcv_like_site(root, write_raw_case)
+
+    manifest = _manifest(tmp_path, root, background=[3], ignore=[4])
+
+    assert manifest["labels"] == LABELS and manifest["background"] == [3] and manifest["ignore"] == [4]
+    assert manifest["organs"] == ["liver", "spleen"]
+    assert all(c["label_values"] == [0, 1, 2, 3, 4] for c in manifest["cases"])
+    rest = _manifest(tmp_path, root, background="rest")
+    assert rest["background"] == "rest" and rest["ignore"] == []
+
+
+def test_values_not_named_anywhere_stop_the_site_naming_file_and_values(tmp_path, write_raw_case):
+    root = tmp_path / "raw"
+    _btcv_like_site(root, write_raw_case)
+    label_file = root / "labelsTr" / "c0.nii.gz"
+    with pytest.raises(DataError, match=rf"{label_file}: label values \[4\] are not in the site's label map"):
+        _manifest(tmp_path, root, background=[3])
+    with pytest.raises(DataError, match=r"site s: label value 3 is in both background and ignore"):
+        _manifest(tmp_path, root, background=[3], ignore=[3, 4])
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    "labels_json",
+    [
+        {"background": 0, "liver": 1, "spleen": 2, "gallbladder": 3, "unsure": 4},  # nnU-Net v2
+        {"0": "background", "1": "liver", "2": "spleen", "3": "gallbladder", "4": "unsure"},  # MSD
+    ],
+    ids=["nnunet_v2", "msd"],
+)
+def test_dataset_json_names_resolve_when_the_manifest_is_built(tmp_path, write_raw_case, labels_json):
+    root = tmp_path / "raw"
+    dataset = {"labels": labels_json, "file_ending": ".nii.gz", "channel_names": {"0": "CT"}}
+    _btcv_like_site(root, write_raw_case, dataset_json=dataset)
+
+    labels = {"liver": ["liver"], "spleen": [2]}  # names and numbers mix
+    manifest = _manifest(tmp_path, root, labels=labels, background=["gallbladder"], ignore=["unsure"])
+
+    assert manifest["labels"] == {"liver": [1], "spleen": [2]}
+    assert manifest["background"] == [3] and manifest["ignore"] == [4]
+    with pytest.raises(DataError, match=rf"{root / 'dataset.json'}: no label named 'aorta'"):
+        _manifest(tmp_path, root, background=["aorta"], ignore=[4])
+
+
 def _split(ids, fraction=0.3, seed=0, **kwargs):
     return split_cases(ids, split=SplitSettings(test_fraction=fraction, **kwargs), seed=seed, site="s")
 

@@ -15,32 +15,253 @@ kidney mask (26-connectivity), each component counted once so that kidneys of un
 sideways; the two kidneys lie about symmetrically either side of the spine. When the mask has a single
 component (one kidney, or a fused horseshoe kidney) the midline falls back to the x-centre of the image's
 physical field of view, since CT is reconstructed centred on the patient; pass ``midline_x`` to override.
+
+Besides its organs a site may name two more groups of values (:class:`LabelMap`): ``background``, structures
+outside the task (BTCV's gallbladder or aorta), mapped to 0, or ``"rest"``, every value not otherwise named;
+and ``ignore``, voxels whose class is unknown, mapped to :data:`fedpsmos.organs.IGNORE_CLASS` (255) so that
+losses and metrics leave them out. In the configuration any value may be a name from the site's nnU-Net
+``dataset.json`` instead of a number; :meth:`LabelMap.from_config` resolves the names, and the manifest
+records the resolved numbers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from fedpsmos.organs import CLASS_INDEX, SPLIT_KIDNEY, LabelMapError, labelled_organs
+from fedpsmos.organs import CLASS_INDEX, IGNORE_CLASS, SPLIT_KIDNEY, LabelMapError, labelled_organs
+
+REST = "rest"  # ``background: rest``: every value not named elsewhere is background
+_KIDNEY_PLACEHOLDER = -1  # lookup-table value of ``kidney`` voxels until the side split
 
 
-def _lookup_table(labels: Mapping[str, Sequence[int]]) -> dict[int, int]:
-    """Site value -> global class; ``kidney`` values map to a placeholder resolved by the side split."""
-    labelled_organs(labels)  # validates the organ names
-    table: dict[int, int] = {}
-    for organ, values in labels.items():
-        target = -1 if organ == SPLIT_KIDNEY else CLASS_INDEX[organ]
-        for value in values:
-            if int(value) != value or int(value) <= 0:
-                raise LabelMapError(f"label value {value!r} of {organ!r} must be a positive integer")
-            if int(value) in table and table[int(value)] != target:
-                raise LabelMapError(f"label value {int(value)} is mapped to more than one organ")
-            table[int(value)] = target
-    return table
+def _value(value: Any, where: str, *, allow_zero: bool = False) -> int:
+    """A label value as an ``int``, rejecting booleans, fractions, negatives and (unless allowed) 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise LabelMapError(f"label value {value!r} of {where} must be an integer")
+    if int(value) != value or int(value) < (0 if allow_zero else 1):
+        what = "a non-negative" if allow_zero else "a positive"
+        raise LabelMapError(f"label value {value!r} of {where} must be {what} integer")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """A site's resolved label map: its organs' values, its background values and its ignored values.
+
+    Parameters
+    ----------
+    labels:
+        ``{organ: site values}``; ``kidney`` is one label split left/right by body side.
+    background:
+        Values mapped to background (0), or :data:`REST` for every value not named in ``labels``/``ignore``.
+        0 is background whether listed or not.
+    ignore:
+        Values of unknown class, mapped to :data:`fedpsmos.organs.IGNORE_CLASS`.
+
+    A value may appear under one organ, in ``background`` or in ``ignore``, never in two of them.
+    """
+
+    labels: Mapping[str, Sequence[int]]
+    background: Sequence[int] | str = ()
+    ignore: Sequence[int] = ()
+    _table: dict[int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        labels = {str(o): tuple(_value(v, repr(str(o))) for v in vals) for o, vals in self.labels.items()}
+        labelled_organs(labels)  # validates the organ names
+        if SPLIT_KIDNEY in labels and {"kidney_left", "kidney_right"} & set(labels):
+            raise LabelMapError(
+                "'kidney' (split by body side) cannot be combined with kidney_left/kidney_right"
+            )
+        if isinstance(self.background, str):
+            if self.background != REST:
+                raise LabelMapError(
+                    f"background must be a list of values or {REST!r}, got {self.background!r}"
+                )
+            background: tuple[int, ...] | str = REST
+        else:
+            background = tuple(_value(v, "background", allow_zero=True) for v in self.background)
+        ignore = tuple(_value(v, "ignore") for v in self.ignore)
+        table: dict[int, int] = {}
+        owner: dict[int, str] = {}
+
+        def claim(value: int, target: int, name: str) -> None:
+            if value in owner and owner[value] != name:
+                if owner[value] in labels and name in labels:
+                    raise LabelMapError(f"label value {value} is mapped to more than one organ")
+                raise LabelMapError(f"label value {value} is in both {owner[value]} and {name}")
+            owner[value], table[value] = name, target
+
+        for organ, values in labels.items():
+            for value in values:
+                claim(value, _KIDNEY_PLACEHOLDER if organ == SPLIT_KIDNEY else CLASS_INDEX[organ], organ)
+        for value in background if isinstance(background, tuple) else ():
+            claim(value, 0, "background")
+        for value in ignore:
+            claim(value, IGNORE_CLASS, "ignore")
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "background", background)
+        object.__setattr__(self, "ignore", ignore)
+        object.__setattr__(self, "_table", table)
+
+    @property
+    def organs(self) -> tuple[str, ...]:
+        """Global organs the site labels, in global class order."""
+        return labelled_organs(self.labels)
+
+    @property
+    def rest_is_background(self) -> bool:
+        """Whether every value not named is background (``background: rest``)."""
+        return self.background == REST
+
+    def table(self) -> dict[int, int]:
+        """Site value -> global class (0, an organ, or IGNORE_CLASS); ``kidney`` values map to -1."""
+        return dict(self._table)
+
+    def allowed_values(self) -> set[int] | None:
+        """Values a label file may hold (0 included); ``None`` when any value is allowed (``rest``)."""
+        return None if self.rest_is_background else {0, *self._table}
+
+    def unknown(self, values: Iterable[int]) -> list[int]:
+        """The values of ``values`` this map does not name (sorted; empty with ``background: rest``)."""
+        allowed = self.allowed_values()
+        return [] if allowed is None else sorted({int(v) for v in values} - allowed)
+
+    def describe(self) -> str:
+        """The map in one line, for error messages."""
+        parts = [f"labels { {o: list(v) for o, v in self.labels.items()} }"]
+        if self.background:
+            background = self.background if self.rest_is_background else list(self.background)
+            parts.append(f"background {background}")
+        if self.ignore:
+            parts.append(f"ignore {list(self.ignore)}")
+        return ", ".join(parts)
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The manifest's ``labels``, ``background`` and ``ignore`` entries (numbers only)."""
+        return {
+            "labels": {organ: list(values) for organ, values in self.labels.items()},
+            "background": self.background if self.rest_is_background else list(self.background),
+            "ignore": list(self.ignore),
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> LabelMap:
+        """The resolved map a manifest records (:meth:`to_manifest`); old manifests lack background/ignore."""
+        if not isinstance(manifest.get("labels"), Mapping):
+            raise LabelMapError("the manifest has no 'labels' map (re-run rule validate_site)")
+        return cls(manifest["labels"], manifest.get("background") or (), manifest.get("ignore") or ())
+
+    @classmethod
+    def from_config(
+        cls,
+        labels: Mapping[str, Iterable[int | str]],
+        background: Iterable[int | str] | str | None = None,
+        ignore: Iterable[int | str] | None = None,
+        *,
+        dataset_json: str | os.PathLike[str] | None = None,
+    ) -> LabelMap:
+        """The map of a site's configuration (``sites.{site}.labels``, ``background``, ``ignore``).
+
+        Parameters
+        ----------
+        labels, background, ignore:
+            Values as numbers or as label names of ``dataset_json``; ``background`` may be :data:`REST`.
+        dataset_json:
+            The site's nnU-Net ``dataset.json``, read only when a value is a name.
+
+        Raises
+        ------
+        LabelMapError
+            A name that ``dataset_json`` does not define (the message names the file and the name), a
+            region-based label, a value in two groups, an unknown organ.
+        """
+        names: dict[str, tuple[int, ...]] | None = None
+
+        def resolve(values: Iterable[int | str], where: str) -> list[int]:
+            nonlocal names
+            if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+                raise LabelMapError(f"{where} must be a list of label values, got {values!r}")
+            out: list[int] = []
+            for value in values:
+                if not isinstance(value, str):
+                    out.append(value)  # type: ignore[arg-type]  # checked by the constructor
+                    continue
+                if names is None:
+                    names = dataset_label_names(dataset_json, value)
+                if value not in names:
+                    raise LabelMapError(
+                        f"{dataset_json}: no label named {value!r} (for {where}; defined: {sorted(names)})"
+                    )
+                out.extend(names[value])
+            return out
+
+        organ_values = {organ: resolve(values, organ) for organ, values in labels.items()}
+        resolved_background: list[int] | str = (
+            REST if background == REST else resolve(background or (), "background")
+        )
+        return cls(organ_values, resolved_background, resolve(ignore or (), "ignore"))  # type: ignore[arg-type]
+
+
+def dataset_label_names(
+    dataset_json: str | os.PathLike[str] | None, needed_by: str = "a label name"
+) -> dict[str, tuple[int, ...]]:
+    """Label name -> values of an nnU-Net ``dataset.json``, v2 or Medical Segmentation Decathlon form.
+
+    nnU-Net v2 writes ``"labels": {"background": 0, "liver": 1}``; MSD ``"labels": {"0": "background",
+    "1": "spleen"}`` (a name used twice in MSD form stands for all its values). A region-based v2 label (a
+    list of values) is refused: its name stands for a union of labels, not for one value of the file.
+
+    Parameters
+    ----------
+    dataset_json:
+        Path of the file; ``None`` raises (names need a file).
+    needed_by:
+        The name that needs the file, for the error message when there is none.
+    """
+    if dataset_json is None:
+        raise LabelMapError(f"label name {needed_by!r} needs the site's dataset.json, and the site has none")
+    path = Path(dataset_json)
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise LabelMapError(
+            f"{path}: label name {needed_by!r} needs this dataset.json, which does not exist"
+        ) from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LabelMapError(f"{path}: cannot read dataset.json: {err}") from err
+    raw = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(raw, dict) or not raw:
+        raise LabelMapError(f"{path}: dataset.json has no 'labels' mapping")
+    names: dict[str, list[int]] = {}
+    if all(isinstance(k, str) and k.strip().isdigit() and isinstance(v, str) for k, v in raw.items()):
+        for key, name in raw.items():  # MSD: value -> name
+            names.setdefault(name, []).append(int(key))
+        return {name: tuple(values) for name, values in names.items()}
+    for name, value in raw.items():  # nnU-Net v2: name -> value
+        if isinstance(value, list):
+            raise LabelMapError(
+                f"{path}: label {name!r} is region-based ({value}); region-based dataset.json labels are "
+                "not supported, give the site's label values as numbers"
+            )
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LabelMapError(f"{path}: label {name!r} has value {value!r}, expected an integer")
+        names[name] = [value]
+    return {name: tuple(values) for name, values in names.items()}
+
+
+def as_label_map(labels: LabelMap | Mapping[str, Sequence[int]]) -> LabelMap:
+    """A :class:`LabelMap` as is, or a plain ``{organ: [values]}`` map with no background or ignore values."""
+    return labels if isinstance(labels, LabelMap) else LabelMap(labels)
 
 
 def physical_x(index_zyx: np.ndarray, *, origin: Sequence[float], spacing: Sequence[float], direction):
@@ -82,7 +303,7 @@ def kidney_midline(kidney: np.ndarray, x_of_voxels: np.ndarray, fov_centre_x: fl
 
 def apply_label_map(
     label: np.ndarray,
-    labels: Mapping[str, Sequence[int]],
+    labels: LabelMap | Mapping[str, Sequence[int]],
     *,
     origin: Sequence[float] = (0.0, 0.0, 0.0),
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
@@ -96,7 +317,8 @@ def apply_label_map(
     label:
         Site label values, integer (or integral float) array in NumPy (z, y, x) order.
     labels:
-        The site's label map ``{organ: [site values]}``; ``kidney`` is split left/right by body side.
+        The site's :class:`LabelMap`, or a plain ``{organ: [site values]}`` map; ``kidney`` is split
+        left/right by body side, ``background`` values become 0 and ``ignore`` values IGNORE_CLASS.
     origin, spacing, direction:
         The label image's SimpleITK geometry (x, y, z order; direction row-major), used for the kidney split.
     midline_x:
@@ -107,7 +329,8 @@ def apply_label_map(
     LabelMapError
         If the array holds values the map does not name (the message lists them) or the map is malformed.
     """
-    table = _lookup_table(labels)
+    label_map = as_label_map(labels)
+    table = label_map.table()
     if label.ndim != 3:
         raise LabelMapError(f"expected a 3-D label array, got shape {label.shape}")
     values = np.asarray(label)
@@ -119,16 +342,19 @@ def apply_label_map(
     if low < 0:
         raise LabelMapError(f"label array holds negative values (min {low})")
     present = np.flatnonzero(np.bincount(values.ravel(), minlength=high + 1))
-    unknown = [int(v) for v in present if v != 0 and int(v) not in table]
+    unknown = label_map.unknown(present)
     if unknown:
-        raise LabelMapError(f"label values {unknown} are not in the site's label map {dict(labels)}")
-    lut = np.zeros(high + 1, dtype=np.int16)
+        raise LabelMapError(
+            f"label values {unknown} are not in the site's label map ({label_map.describe()}); name them "
+            f"under the site's background or ignore values, or set background: {REST}"
+        )
+    lut = np.zeros(high + 1, dtype=np.int16)  # values not in the table are background (0 or rest)
     for value, target in table.items():
         if value <= high:
             lut[value] = target
     mapped = lut[values]
     out = np.clip(mapped, 0, None).astype(np.uint8)
-    kidney = mapped == -1
+    kidney = mapped == _KIDNEY_PLACEHOLDER
     if kidney.any():
         index = np.argwhere(kidney)
         x = physical_x(index, origin=origin, spacing=spacing, direction=direction)
@@ -149,7 +375,7 @@ def apply_label_map(
 
 
 def apply_label_map_image(
-    image: sitk.Image, labels: Mapping[str, Sequence[int]], *, midline_x: float | None = None
+    image: sitk.Image, labels: LabelMap | Mapping[str, Sequence[int]], *, midline_x: float | None = None
 ) -> np.ndarray:
     """Apply a label map to a SimpleITK label image, using its geometry for the kidney split.
 
@@ -158,7 +384,7 @@ def apply_label_map_image(
     image:
         3-D single-component label image.
     labels:
-        The site's label map ``{organ: [site values]}``.
+        The site's :class:`LabelMap` or a plain ``{organ: [site values]}`` map.
     midline_x:
         Optional body midline x (mm), see :func:`apply_label_map`.
     """

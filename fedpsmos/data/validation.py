@@ -4,7 +4,8 @@ The site's ``validate_site`` rule (docs/design.md "The pipeline and the privacy 
 
 A case is accepted when its image and label are readable 3-D scalar images on the same grid (size, spacing,
 origin and direction within tolerance), the spacing is positive, the intensities are finite and not
-constant, and the label holds only 0 and the site's declared label values. The first bad case stops the
+constant, and the label holds only 0 and the values the site's label map names (its organs', background and
+ignore values; any value with ``background: rest``). The first bad case stops the
 site with a one-line :class:`DataError` naming the file and the problem; no manifest is written then.
 
 The split is per site and deterministic: sorted case ids, a permutation seeded by ``(seed, site)``, the first
@@ -31,9 +32,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from fedpsmos.atomic import write_json
+from fedpsmos.data.label_map import LabelMap
 from fedpsmos.data.sources import CaseFiles, DataError, list_cases
 from fedpsmos.data.synthetic import site_seed
-from fedpsmos.organs import LabelMapError, labelled_organs
+from fedpsmos.organs import LabelMapError
 
 __all__ = ["DataError", "SplitSettings", "build_manifest", "split_cases", "validate_case"]
 
@@ -167,13 +169,14 @@ def _check_same_grid(image: sitk.Image, label: sitk.Image, label_path: Path) -> 
             raise DataError(f"{label_path}: label {name} {fb} differs from the image's {fa}")
 
 
-def validate_case(case: CaseFiles, *, label_values: Iterable[int]) -> dict[str, Any]:
+def validate_case(case: CaseFiles, *, label_values: Iterable[int] | None) -> dict[str, Any]:
     """Check one image/label pair; returns its geometry (``sitk_size``, ``sitk_spacing``, ``sitk_origin``,
     ``sitk_direction``) for the manifest.
 
     Parameters
     ----------
-    case: the case's files; label_values: the site's declared label values (0 is always allowed).
+    case: the case's files; label_values: the values the site's label map names (0 is always allowed),
+    ``None`` to allow any value (``background: rest``).
     Raises :class:`DataError` ``"{path}: {problem}"`` for the first problem found.
     """
     image = _read(Path(case.image), "image")
@@ -197,14 +200,15 @@ def validate_case(case: CaseFiles, *, label_values: Iterable[int]) -> dict[str, 
     if np.issubdtype(values.dtype, np.floating):
         if not np.all(np.isfinite(values)) or np.any(values != np.rint(values)):
             raise DataError(f"{case.label}: label holds non-integer values")
-    allowed = {0, *(int(v) for v in label_values)}
     present = {int(v) for v in np.unique(values)}
-    unexpected = sorted(present - allowed)
-    if unexpected:
-        raise DataError(
-            f"{case.label}: label values {unexpected} are not in the site's label map "
-            f"(allowed {sorted(allowed)})"
-        )
+    if label_values is not None:
+        allowed = {0, *(int(v) for v in label_values)}
+        unexpected = sorted(present - allowed)
+        if unexpected:
+            raise DataError(
+                f"{case.label}: label values {unexpected} are not in the site's label map "
+                f"(allowed {sorted(allowed)}; name the others under the site's background or ignore)"
+            )
     info = _geometry(image)
     info["label_values"] = sorted(present)
     return info
@@ -291,26 +295,31 @@ def build_manifest(
     site: str,
     source: str,
     root: str | os.PathLike[str],
-    labels: Mapping[str, Iterable[int]],
+    labels: Mapping[str, Iterable[int | str]],
     split: SplitSettings,
     seed: int,
+    background: Iterable[int | str] | str | None = None,
+    ignore: Iterable[int | str] | None = None,
+    files: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Validate every case of a site, split it and write ``manifest.json`` atomically; returns the manifest.
 
     Parameters
     ----------
-    out: manifest path; site: site name; source: ``synthetic``/``nnunet``/``msd``; root: the site's raw
-    folder; labels: the site's label map ``{organ: [values]}``; split: test and validation counts;
-    seed: experiment seed of the split.
+    out: manifest path; site: site name; source: ``synthetic``/``nnunet``/``msd``/``files``; root: the
+    site's raw folder; labels: the site's label map ``{organ: [values]}``; split: test and validation counts;
+    seed: experiment seed of the split; background, ignore: the site's background values (or ``"rest"``) and
+    ignored values; files: the site's ``{images, labels}`` path templates (``files`` source only,
+    :mod:`fedpsmos.data.templates`). Values may be names of ``{root}/dataset.json`` labels
+    (:meth:`fedpsmos.data.label_map.LabelMap.from_config`); the manifest records the resolved numbers.
     Stops at the first bad case with :class:`DataError`; nothing is written then.
     """
-    labels = {organ: [int(v) for v in vals] for organ, vals in labels.items()}
     try:
-        organs = list(labelled_organs(labels))
+        label_map = LabelMap.from_config(labels, background, ignore, dataset_json=Path(root) / "dataset.json")
     except LabelMapError as err:
         raise DataError(f"site {site}: {err}") from err
-    label_values = {v for vals in labels.values() for v in vals}
-    cases = list_cases(source, root, site=site)
+    label_values = label_map.allowed_values()
+    cases = list_cases(source, root, site=site, files=files)
     infos = {c.case: validate_case(c, label_values=label_values) for c in cases}
     parts = split_cases(infos, split=split, seed=seed, site=site)
     which = {c: name for name in ("train", "validation", "test") for c in parts[name]}
@@ -318,8 +327,8 @@ def build_manifest(
         "site": site,
         "source": source,
         "root": str(root),
-        "labels": labels,
-        "organs": organs,
+        **label_map.to_manifest(),
+        "organs": list(label_map.organs),
         "cases": [
             {
                 "case": c.case,

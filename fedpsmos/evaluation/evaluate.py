@@ -1,12 +1,13 @@
 """Per-case, per-organ Dice and HD95 of a model on a site's test split (paper Section 3).
 
 The reference is the site's raw label file (original geometry) mapped to the global classes with the site's
-label map, so metrics are computed in the original spacing. Only the organs the site labels are scored: the
-other organs are present in its images but unlabelled, so its reference cannot judge them. A model that
-outputs only some organs (site-alone) is scored only on those (``model_organs``). Empty masks follow
-:mod:`fedpsmos.evaluation.metrics`: a missed organ (reference present, prediction empty) or a spurious one
-(reference empty, prediction present) gets Dice 0 and the HD95 penalty, the diagonal of the reference image in
-mm, and is flagged in the ``missed`` / ``spurious`` columns so tables can count it.
+resolved label map from its manifest, so metrics are computed in the original spacing. Reference voxels of
+unknown class (the site's ``ignore`` values) are left out of Dice and HD95. Only the organs the site labels
+are scored: the other organs are present in its images but unlabelled, so its reference cannot judge them. A
+model that outputs only some organs (site-alone) is scored only on those (``model_organs``). Empty masks
+follow :mod:`fedpsmos.evaluation.metrics`: a missed organ (reference present, prediction empty) or a
+spurious one (reference empty, prediction present) gets Dice 0 and the HD95 penalty, the diagonal of the
+reference image in mm, and is flagged in the ``missed`` / ``spurious`` columns so tables can count it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import pandas as pd
 import SimpleITK as sitk
 
 from fedpsmos.atomic import atomic_path
-from fedpsmos.data.label_map import apply_label_map_image
+from fedpsmos.data.label_map import LabelMap, apply_label_map_image, as_label_map
 from fedpsmos.evaluation.metrics import DEFAULT_HD95, check_convention, dice, hd95, image_diagonal
-from fedpsmos.organs import CLASS_INDEX, labelled_organs
+from fedpsmos.organs import CLASS_INDEX, IGNORE_CLASS, LabelMapError
 
 COLUMNS = ("model", "site", "case", "organ", "dice", "hd95")
 # Written after COLUMNS: whether the case was a missed or spurious organ (HD95 is then the penalty) and the
@@ -57,6 +58,28 @@ def _resolve(path: str, manifest_path: Path, root: str | None) -> Path:
     )
 
 
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read manifest ({error})") from error
+
+
+def manifest_label_map(manifest_path: str | os.PathLike[str]) -> LabelMap:
+    """The resolved label map a site's manifest records (``labels``, ``background``, ``ignore``).
+
+    Parameters
+    ----------
+    manifest_path:
+        ``results/data/{site}/manifest.json``.
+    """
+    path = Path(manifest_path)
+    try:
+        return LabelMap.from_manifest(_read_manifest(path))
+    except LabelMapError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
 def reference_labels(manifest_path: str | os.PathLike[str]) -> dict[str, Path]:
     """Test case id -> raw reference label file, from a site's manifest.
 
@@ -66,10 +89,7 @@ def reference_labels(manifest_path: str | os.PathLike[str]) -> dict[str, Path]:
         ``results/data/{site}/manifest.json`` (docs/architecture.md, "Manifest").
     """
     path = Path(manifest_path)
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read manifest ({error})") from error
+    manifest = _read_manifest(path)
     entries = {str(c.get("case")): c for c in manifest.get("cases", [])}
     test = manifest.get("test")
     if not isinstance(test, list) or not test:
@@ -103,7 +123,8 @@ def evaluate_case(
 ) -> list[OrganScore]:
     """Dice, HD95 and the missed/spurious flags of each organ on global-class label maps of one case.
 
-    A missed or spurious organ's HD95 is the diagonal of this (the reference) image in mm.
+    A missed or spurious organ's HD95 is the diagonal of this (the reference) image in mm. Voxels where the
+    reference is IGNORE_CLASS are left out of both masks before scoring.
 
     Parameters
     ----------
@@ -117,10 +138,11 @@ def evaluate_case(
         HD95 convention, ``max`` or ``pooled`` (:mod:`fedpsmos.evaluation.metrics`).
     """
     penalty = image_diagonal(ref.shape, spacing_zyx)
+    ignored = ref == IGNORE_CLASS
     rows = []
     for organ in organs:
         value = CLASS_INDEX[organ]
-        p, r = pred == value, ref == value
+        p, r = (pred == value) & ~ignored, ref == value
         p_any, r_any = bool(p.any()), bool(r.any())
         rows.append(
             OrganScore(
@@ -138,7 +160,7 @@ def evaluate_site(
     *,
     predictions_dir: str | os.PathLike[str],
     manifest_path: str | os.PathLike[str],
-    labels: Mapping[str, Sequence[int]],
+    labels: LabelMap | Mapping[str, Sequence[int]] | None = None,
     model: str,
     site: str,
     out_csv: str | os.PathLike[str],
@@ -154,7 +176,8 @@ def evaluate_site(
     manifest_path:
         The site's manifest (test split and raw label paths).
     labels:
-        The site's label map ``{organ: [site values]}`` (config ``sites.{site}.labels``).
+        The site's label map; ``None`` (the workflow): the resolved map the manifest records, with its
+        background and ignore values.
     model, site:
         Values of the ``model`` (model id, e.g. ``adapted/decoder``) and ``site`` columns.
     out_csv:
@@ -168,7 +191,8 @@ def evaluate_site(
         ``max`` or ``pooled`` (config ``evaluation.hd95``; :mod:`fedpsmos.evaluation.metrics`).
     """
     check_convention(hd95_convention)
-    organs = [o for o in labelled_organs(labels) if model_organs is None or o in set(model_organs)]
+    label_map = manifest_label_map(manifest_path) if labels is None else as_label_map(labels)
+    organs = [o for o in label_map.organs if model_organs is None or o in set(model_organs)]
     if not organs:
         raise ValueError(f"{manifest_path}: site {site} labels none of the organs model {model} outputs")
     rows = []
@@ -179,7 +203,7 @@ def evaluate_site(
         ref_image = sitk.ReadImage(str(label_path))
         pred_image = sitk.ReadImage(str(pred_path))
         _check_geometry(pred_image, ref_image, pred_path)
-        ref = apply_label_map_image(ref_image, labels)
+        ref = apply_label_map_image(ref_image, label_map)
         pred = sitk.GetArrayFromImage(pred_image)
         spacing_zyx = ref_image.GetSpacing()[::-1]
         for score in evaluate_case(pred, ref, organs, spacing_zyx, convention=hd95_convention):

@@ -27,6 +27,11 @@ mask to the nearest surface voxel of the other are computed in mm with
   are not interchangeable.
 
 Percentiles use NumPy's linear interpolation, as MONAI and medpy do.
+
+Voxels of unknown class (``ignore``: the reference holds :data:`fedpsmos.organs.IGNORE_CLASS` there) are
+removed from both masks before anything is counted, as nnU-Net treats its ignore label: they count neither in
+Dice nor as surface for HD95, and a prediction there is neither right nor wrong. The empty-mask policy then
+applies to what is left.
 """
 
 from __future__ import annotations
@@ -45,17 +50,29 @@ def _binary(mask: np.ndarray, name: str) -> np.ndarray:
     return mask.astype(bool, copy=False)
 
 
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+def _without(p: np.ndarray, r: np.ndarray, ignore: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks with the ignored voxels removed (module docstring); shapes must agree."""
+    if p.shape != r.shape:
+        raise ValueError(f"pred {p.shape} and ref {r.shape} differ in shape")
+    if ignore is None:
+        return p, r
+    keep = ~_binary(ignore, "ignore")
+    if keep.shape != p.shape:
+        raise ValueError(f"ignore {keep.shape} and ref {r.shape} differ in shape")
+    return p & keep, r & keep
+
+
+def dice(pred: np.ndarray, ref: np.ndarray, *, ignore: np.ndarray | None = None) -> float:
     """Dice coefficient 2|P∩R| / (|P| + |R|); 1.0 when both masks are empty (module docstring).
 
     Parameters
     ----------
     pred, ref:
         Predicted and reference masks ``[Z, Y, X]`` of the same shape (nonzero = organ).
+    ignore:
+        Optional mask of voxels of unknown class, removed from both masks first.
     """
-    p, r = _binary(pred, "pred"), _binary(ref, "ref")
-    if p.shape != r.shape:
-        raise ValueError(f"pred {p.shape} and ref {r.shape} differ in shape")
+    p, r = _without(_binary(pred, "pred"), _binary(ref, "ref"), ignore)
     total = int(p.sum()) + int(r.sum())
     if total == 0:
         return 1.0
@@ -145,6 +162,7 @@ def hd95(
     *,
     convention: str = DEFAULT_HD95,
     penalty: float | None = None,
+    ignore: np.ndarray | None = None,
 ) -> float:
     """95th-percentile Hausdorff distance in mm under ``convention`` (module docstring).
 
@@ -161,11 +179,11 @@ def hd95(
     penalty:
         Value when exactly one mask is empty; ``None``: the diagonal of the masks' image
         (:func:`image_diagonal` of their shape), which is the original image when the masks are full-size.
+    ignore:
+        Optional mask of voxels of unknown class, removed from both masks first.
     """
     check_convention(convention)
-    p, r = _binary(pred, "pred"), _binary(ref, "ref")
-    if p.shape != r.shape:
-        raise ValueError(f"pred {p.shape} and ref {r.shape} differ in shape")
+    p, r = _without(_binary(pred, "pred"), _binary(ref, "ref"), ignore)
     _check_spacing(spacing_zyx)
     p_any, r_any = bool(p.any()), bool(r.any())
     if not p_any and not r_any:

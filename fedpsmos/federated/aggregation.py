@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fedpsmos.atomic import write_json
 from fedpsmos.federated.fedavg import AggregationError, aggregate, check_states
-from fedpsmos.federated.rounds import POLICIES, ROUND_KIND, RoundError, file_digest, load_global
+from fedpsmos.federated.rounds import POLICIES, ROUND_KIND, RoundError, apply_meta, file_digest, load_global
 from fedpsmos.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ def aggregate_round(
         "sites": sites,
         "weights": weight_map,
         "failed": failed,
+        **apply_meta(prev_meta),
     }
     save_checkpoint(out_global, {"model": averaged, "meta": global_meta})
     record = {

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from fedpsmos.atomic import atomic_path
+from fedpsmos.federated.rounds import apply_meta
 from fedpsmos.organs import ORGANS
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -116,6 +117,7 @@ def finalise_federation(
     out_curve_csv: str | Path,
     out_curve_png: str | Path,
     setting: str | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the federated model (last global weights, ``kind="federated"``) and the per-round curves.
 
@@ -131,6 +133,8 @@ def finalise_federation(
         The curves next to it.
     setting:
         Setting name recorded in the meta (e.g. ``V2``).
+    preprocessing:
+        The resolved preprocessing settings recorded in the meta (default: the last global model's).
     """
     payload = load_checkpoint(last_global)
     meta = payload.get("meta", {})
@@ -148,6 +152,7 @@ def finalise_federation(
         "organs": list(meta.get("organs") or ORGANS),
         "rounds": last,
         "sites": sorted({s for r in parsed for s in r.get("n_cases", {})}),
+        **apply_meta(meta, preprocessing=preprocessing),
     }
     save_checkpoint(out_model, {"model": payload["model"], "meta": final_meta})
     write_curves(curve_frame(parsed), out_curve_csv, out_curve_png, setting=setting or "")

@@ -33,7 +33,7 @@ Choices the paper leaves open (docs/federated.md):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,9 @@ from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
 
 POLICIES = ("fail", "skip")
 ROUND_KIND = "federated_round"
+# Meta keys a model needs to be applied to new scans (fedpsmos predict): set at round 0 from M0 and the
+# resolved preprocessing settings, then copied from global model to global model and into the final models.
+APPLY_META = ("preprocessing", "patch_size")
 
 
 class RoundError(RuntimeError):
@@ -80,7 +83,13 @@ def load_global(path: str | Path, round_index: int) -> tuple[dict[str, Tensor], 
     return weights_only(payload["model"]), meta
 
 
-def init_global(m0_path: str | Path, out_global: str | Path) -> None:
+def init_global(
+    m0_path: str | Path,
+    out_global: str | Path,
+    *,
+    preprocessing: Mapping[str, Any] | None = None,
+    patch_size: Sequence[int] | None = None,
+) -> None:
     """Write round 0's global model: M0's weights and network spec (paper Alg. 1, initialisation).
 
     Parameters
@@ -89,6 +98,9 @@ def init_global(m0_path: str | Path, out_global: str | Path) -> None:
         The pretrained model checkpoint (``results/models/pretrain/model.pt``).
     out_global:
         ``round_0/global.pt``.
+    preprocessing, patch_size:
+        The resolved preprocessing settings and the patch size, recorded in the meta (:data:`APPLY_META`);
+        default: M0's.
     """
     payload = load_checkpoint(m0_path)
     meta = dict(payload.get("meta", {}))
@@ -102,8 +114,32 @@ def init_global(m0_path: str | Path, out_global: str | Path) -> None:
         "sites": [],
         "weights": {},
         "initialised_from": str(m0_path),
+        **apply_meta(meta, preprocessing=preprocessing, patch_size=patch_size),
     }
     save_checkpoint(out_global, {"model": weights_only(payload["model"]), "meta": global_meta})
+
+
+def apply_meta(
+    meta: Mapping[str, Any],
+    *,
+    preprocessing: Mapping[str, Any] | None = None,
+    patch_size: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """The :data:`APPLY_META` entries of ``meta``, replaced by the values given; absent ones left out.
+
+    Parameters
+    ----------
+    meta:
+        The meta of the model the new one comes from.
+    preprocessing, patch_size:
+        The resolved preprocessing settings and training patch size, when the rule knows them.
+    """
+    carried = {k: meta[k] for k in APPLY_META if meta.get(k) is not None}
+    if preprocessing is not None:
+        carried["preprocessing"] = dict(preprocessing)
+    if patch_size is not None:
+        carried["patch_size"] = [int(p) for p in patch_size]
+    return carried
 
 
 def file_digest(path: str | Path) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedpsmos.federated.rounds import POLICIES, RoundError, load_global
+from fedpsmos.federated.rounds import POLICIES, RoundError, apply_meta, load_global
 from fedpsmos.organs import ORGANS
 from fedpsmos.training.checkpoint import (
     load_checkpoint,
@@ -499,6 +499,7 @@ def write_selected_model(
     out_model: str | Path,
     site: str,
     setting: str,
+    preprocessing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a site's locally selected model after the last round; return its meta.
 
@@ -516,6 +517,8 @@ def write_selected_model(
         ``results/models/federated/{setting}/selected/{site}.pt``.
     site, setting:
         Names recorded in the meta.
+    preprocessing:
+        The resolved preprocessing settings recorded in the meta (default: the last global model's).
     """
     private = load_checkpoint(private_state)
     if private.get("meta", {}).get("site") != site:
@@ -538,6 +541,7 @@ def write_selected_model(
         "organs": list(final_meta.get("organs") or ORGANS),
         "rounds": last,
         "selected": chosen,
+        **apply_meta(final_meta, preprocessing=preprocessing),
     }
     save_checkpoint(out_model, {"model": weights, "meta": meta})
     return meta

@@ -1,13 +1,15 @@
 """Predict a site's test cases and write them in the original geometry (docs/design.md "Inference").
 
 For each test case of a site's manifest: load its preprocessed ``.npz``, run the Gaussian sliding window
-(:mod:`fedpsmos.inference.sliding_window`), take the argmax over the model's classes, map them to the global
-class values (a site-alone model outputs only its site's organs, named in its checkpoint's
-``meta["organs"]``), bring the label map back to the canonically oriented grid by nearest neighbour
-(:func:`fedpsmos.preprocessing.resample.resample_label_to_geometry`), undo the canonical orientation exactly
-(:func:`fedpsmos.preprocessing.orientation.array_to_original`, a permutation and flip of the axes) and write
-``{case}.nii.gz`` (uint8) with the original size, spacing, origin and direction, voxel for voxel in the input
-file's own order. The output directory appears whole or not at all.
+(:mod:`fedpsmos.inference.sliding_window`), turn the logits into softmax probabilities, resample them class
+by class to the canonically oriented original grid and take the argmax there
+(:func:`fedpsmos.inference.probabilities.argmax_on_grid`; ``resample="labels"`` instead takes the argmax on
+the preprocessed grid and resamples the label map by nearest neighbour), map the channels to the global class
+values (a site-alone model outputs only its site's organs, named in its checkpoint's ``meta["organs"]``),
+undo the canonical orientation exactly (:func:`fedpsmos.preprocessing.orientation.array_to_original`, a
+permutation and flip of the axes) and write ``{case}.nii.gz`` (uint8) with the original size, spacing,
+origin and direction, voxel for voxel in the input file's own order. The output directory appears whole or
+not at all. :mod:`fedpsmos.inference.apply` runs the same steps on scans that were never preprocessed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from fedpsmos.inference.probabilities import argmax_on_grid, check_resample
 from fedpsmos.inference.sliding_window import predict_logits
 from fedpsmos.network import NetworkSpec, build_network
 from fedpsmos.organs import CLASS_INDEX, CLASSES
@@ -143,6 +146,103 @@ def predict_label(
     return class_lookup(classes)[channel]
 
 
+def predict_probabilities(
+    net: nn.Module,
+    classes: Sequence[str],
+    image: np.ndarray,
+    *,
+    patch_size: Sequence[int],
+    step: float,
+    mirror: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """Softmax class probabilities ``[C, Z, Y, X]`` (float32, on ``device``) of a preprocessed image.
+
+    Parameters
+    ----------
+    net, classes:
+        The network and its channel names (:func:`load_model`).
+    image:
+        Normalised image ``[Z, Y, X]`` on the preprocessed grid.
+    patch_size, step, mirror, device:
+        Sliding-window settings (:func:`fedpsmos.inference.sliding_window.predict_logits`).
+    """
+    logits = predict_logits(
+        net,
+        image.astype(np.float32, copy=False),
+        patch_size=patch_size,
+        step=step,
+        mirror=mirror,
+        device=device,
+    )
+    if logits.shape[0] != len(classes):
+        raise ValueError(
+            f"network outputs {logits.shape[0]} channels but its checkpoint names {len(classes)}"
+        )
+    return torch.softmax(logits, dim=0)
+
+
+def oriented_label(
+    probabilities: torch.Tensor,
+    classes: Sequence[str],
+    case: dict[str, np.ndarray],
+    *,
+    resample: str = "probabilities",
+    keep: Callable[[int, np.ndarray], None] | None = None,
+) -> np.ndarray:
+    """Global-class label map (uint8) on the canonically oriented original grid of a case.
+
+    Parameters
+    ----------
+    probabilities:
+        :func:`predict_probabilities` of ``case["image"]``.
+    classes:
+        Channel names, background first.
+    case:
+        Arrays from :func:`load_case` (``spacing`` and the ``oriented_*`` grid).
+    resample:
+        ``"probabilities"`` (resample each class, then argmax) or ``"labels"`` (argmax, then nearest
+        neighbour); :mod:`fedpsmos.inference.probabilities`.
+    keep:
+        Receives each class's resampled probabilities (``"probabilities"`` only).
+    """
+    channel = argmax_on_grid(
+        probabilities,
+        from_spacing_zyx=[float(v) for v in case["spacing"]],
+        to_spacing_zyx=[float(v) for v in reversed(case["oriented_spacing"].tolist())],
+        shape_zyx=[int(v) for v in reversed(case["oriented_size"].tolist())],
+        mode=resample,
+        keep=keep,
+    )
+    return class_lookup(classes)[channel]
+
+
+def oriented_to_image(oriented: np.ndarray, case: dict[str, np.ndarray]) -> sitk.Image:
+    """An array on the oriented original grid as an image in the file's own voxel order and geometry.
+
+    Parameters
+    ----------
+    oriented:
+        ``[Z, Y, X]`` global-class label map of ``case["oriented_size"]`` (canonical orientation).
+    case:
+        Arrays from :func:`load_case` (the ``oriented_*`` grid and the original ``sitk_*`` geometry).
+    """
+    original = array_to_original(
+        oriented,
+        original_direction=case["sitk_direction"].tolist(),
+        oriented_direction=case["oriented_direction"].tolist(),
+    )
+    image = sitk.GetImageFromArray(np.ascontiguousarray(original, dtype=np.uint8))
+    image.SetSpacing([float(v) for v in case["sitk_spacing"]])
+    image.SetOrigin([float(v) for v in case["sitk_origin"]])
+    image.SetDirection([float(v) for v in case["sitk_direction"]])
+    if list(image.GetSize()) != [int(v) for v in case["sitk_size"]]:
+        raise RuntimeError(
+            f"resampled size {image.GetSize()} differs from the original {list(case['sitk_size'])}"
+        )
+    return image
+
+
 def label_to_image(label_zyx: np.ndarray, case: dict[str, np.ndarray]) -> sitk.Image:
     """Resample a preprocessed-grid label to the original grid, in the file's voxel order and geometry.
 
@@ -161,20 +261,7 @@ def label_to_image(label_zyx: np.ndarray, case: dict[str, np.ndarray]) -> sitk.I
         sitk_origin=case["oriented_origin"].tolist(),
         sitk_direction=case["oriented_direction"].tolist(),
     )
-    original = array_to_original(
-        oriented,
-        original_direction=case["sitk_direction"].tolist(),
-        oriented_direction=case["oriented_direction"].tolist(),
-    )
-    image = sitk.GetImageFromArray(np.ascontiguousarray(original, dtype=np.uint8))
-    image.SetSpacing([float(v) for v in case["sitk_spacing"]])
-    image.SetOrigin([float(v) for v in case["sitk_origin"]])
-    image.SetDirection([float(v) for v in case["sitk_direction"]])
-    if list(image.GetSize()) != [int(v) for v in case["sitk_size"]]:
-        raise RuntimeError(
-            f"resampled size {image.GetSize()} differs from the original {list(case['sitk_size'])}"
-        )
-    return image
+    return oriented_to_image(oriented, case)
 
 
 @contextlib.contextmanager
@@ -228,6 +315,7 @@ def predict_site(
     step: float = 0.5,
     mirror: bool = False,
     device: str | torch.device | None = None,
+    resample: str = "probabilities",
 ) -> list[Path]:
     """Predict every test case of a site and write ``{out_dir}/{case}.nii.gz`` in the original geometry.
 
@@ -245,7 +333,12 @@ def predict_site(
         Sliding-window settings (patch as in training, tile step 0.5, optional mirroring).
     device:
         ``"cpu"``, ``"cuda"``...; default CUDA when available.
+    resample:
+        ``"probabilities"`` (resample the class probabilities to the original grid, then take the argmax) or
+        ``"labels"`` (argmax on the preprocessed grid, nearest-neighbour label map); config
+        ``inference.resample``.
     """
+    check_resample(resample)
     dev = (
         torch.device(device)
         if device is not None
@@ -257,9 +350,12 @@ def predict_site(
     with atomic_directory(out_dir) as tmp:
         for case_id in cases:
             case = load_case(Path(npz_dir) / f"{case_id}.npz")
-            label = predict_label(
-                net, classes, case, patch_size=patch_size, step=step, mirror=mirror, device=dev
+            probabilities = predict_probabilities(
+                net, classes, case["image"], patch_size=patch_size, step=step, mirror=mirror, device=dev
             )
-            sitk.WriteImage(label_to_image(label, case), str(tmp / f"{case_id}.nii.gz"), useCompression=True)
+            label = oriented_label(probabilities, classes, case, resample=resample)
+            del probabilities
+            image = oriented_to_image(label, case)
+            sitk.WriteImage(image, str(tmp / f"{case_id}.nii.gz"), useCompression=True)
             written.append(Path(out_dir) / f"{case_id}.nii.gz")
     return written

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fedpsmos.organs import IGNORE_CLASS
+
 
 def validate_inputs(
     logits: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor
@@ -15,8 +17,9 @@ def validate_inputs(
     logits:
         float ``[B, C + 1, *spatial]``, finite.
     target:
-        ``[B, 1, *spatial]`` global classes in ``[0, C]``; integer dtype, or float holding whole numbers
-        (as nearest-neighbour resampling of a label map leaves them).
+        ``[B, 1, *spatial]`` global classes in ``[0, C]`` or :data:`~fedpsmos.organs.IGNORE_CLASS` (class
+        unknown, left out of every term); integer dtype, or float holding whole numbers (as
+        nearest-neighbour resampling of a label map leaves them).
     labelled:
         bool (or 0/1) ``[B, C + 1]``; column 0 (background) True; every class occurring in a sample's target
         must be labelled for that sample (an unlabelled organ reads as background in a partial label map).
@@ -44,11 +47,16 @@ def validate_inputs(
             raise ValueError("target holds non-integer values; it must be a label map of global classes")
     elif target.dtype == torch.bool or target.is_complex():
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
-    low, high = int(target.min()), int(target.max())
-    if low < 0 or high >= channels:
-        raise ValueError(
-            f"target values must lie in [0, {channels - 1}] for {channels} channels, got [{low}, {high}]"
-        )
+    ignored = target == IGNORE_CLASS
+    has_ignored = bool(ignored.any())
+    counted = target[~ignored] if has_ignored else target  # ignored voxels may hold the out-of-range 255
+    if counted.numel() > 0:
+        low, high = int(counted.min()), int(counted.max())
+        if low < 0 or high >= channels:
+            raise ValueError(
+                f"target values must lie in [0, {channels - 1}] for {channels} channels (or be the ignore "
+                f"label {IGNORE_CLASS}), got [{low}, {high}]"
+            )
     labelled = torch.as_tensor(labelled, device=logits.device)
     if tuple(labelled.shape) != (batch, channels):
         raise ValueError(f"labelled must be [B, C+1] = {(batch, channels)}, got {tuple(labelled.shape)}")
@@ -62,8 +70,10 @@ def validate_inputs(
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("logits hold NaN or inf values")
     target_long = target.long()
+    # ignored voxels count as background here (always labelled): they never make a class "present"
+    scattered = target_long.masked_fill(ignored, 0) if has_ignored else target_long
     present = torch.zeros(batch, channels, dtype=torch.bool, device=logits.device)
-    present.scatter_(1, target_long.reshape(batch, -1), True)  # b, k: classes occurring in each sample
+    present.scatter_(1, scattered.reshape(batch, -1), True)  # b, k: classes occurring in each sample
     unlabelled_present = present & ~labelled
     if bool(unlabelled_present.any()):
         sample = int(unlabelled_present.any(dim=1).nonzero()[0])

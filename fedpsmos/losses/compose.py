@@ -20,12 +20,18 @@ B_p are partially labelled (their labelled mask misses at least one organ):
   for a batch from one partially labelled site.
 
 A model with fewer output channels (a site-alone binary model: C + 1 = 2 and a full mask) gets the
-conventional losses through the same class."""
+conventional losses through the same class.
+
+Ignore label (``fedpsmos.losses.ignore``): voxels whose target is ``IGNORE_CLASS`` are left out of every term
+on both sides. A sample all of whose voxels are ignored is dropped from the batch (from B and B_p alike), so
+the loss equals that of the batch without it; a batch of such samples gives a zero that keeps the graph. A
+batch without ignored voxels takes the unchanged code path."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,10 +40,13 @@ from fedpsmos.losses import conventional, exclusion
 from fedpsmos.losses.checks import validate_inputs
 from fedpsmos.losses.conventional import DEFAULT_GAMMA, DEFAULT_SMOOTH, DEFAULT_TOPK_PERCENT, Prepared
 from fedpsmos.losses.exclusion import ExclusionPrepared, exclusion_prepare
+from fedpsmos.losses.ignore import fill_ignored, ignored_voxels, keep_exclusion_prepared, keep_prepared
 from fedpsmos.losses.marginal import marginal_prepare
+from fedpsmos.losses.prior_aware import PriorAwareLoss
 
 TERM_NAMES: tuple[str, ...] = ("dice", "ce", "focal", "topk", "lovasz")
 SIDES: tuple[str, ...] = ("marginal", "exclusion")
+PRIOR_AWARE = "prior_aware"  # spec key of PaNN's prior term (fedpsmos.losses.prior_aware)
 
 
 def _check_terms(side: str, terms: Mapping[str, float]) -> dict[str, float]:
@@ -130,21 +139,57 @@ class PartialLoss(nn.Module):
         ----------
         logits, target, labelled:
             as for :meth:`forward`. Exclusion terms are omitted when the batch holds no partially labelled
-            sample; their values are over the partially labelled samples (before the ``B_p / B`` factor).
+            sample (with at least one voxel that is not ignored); their values are over the partially
+            labelled samples (before the ``B_p / B`` factor).
         """
+        return self._terms_and_share(logits, target, labelled)[0]
+
+    def _terms_and_share(
+        self, logits: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """The terms of :meth:`terms` and the exclusion factor ``B_p / B`` of the samples that count."""
         target_long, mask = validate_inputs(logits, target, labelled)
         batch, channels = logits.shape[:2]
         flat_logits = logits.reshape(batch, channels, -1)  # b, k, n
         flat_target = target_long.reshape(batch, -1)  # b, n
+        ignored = ignored_voxels(flat_target)  # b, n
+        if not bool(ignored.any()):
+            return self._evaluate(flat_logits, flat_target, mask, None), _partial_share(mask)
+        counted = ~ignored.all(dim=1)  # b: samples with at least one voxel that is not ignored
+        if not bool(counted.any()):
+            zero = (flat_logits * 0.0).sum()  # every voxel ignored: nothing to learn, keep the graph
+            return {f"marginal/{name}": zero for name in self.marginal_weights}, 0.0
+        if not bool(counted.all()):
+            flat_logits, flat_target, mask, ignored = (
+                flat_logits[counted],
+                flat_target[counted],
+                mask[counted],
+                ignored[counted],
+            )
+        values = self._evaluate(flat_logits, fill_ignored(flat_target, ignored), mask, ~ignored)
+        return values, _partial_share(mask)
+
+    def _evaluate(
+        self,
+        flat_logits: torch.Tensor,
+        flat_target: torch.Tensor,
+        mask: torch.Tensor,
+        keep: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Both sides' terms on flattened ``[B, K, N]`` logits; ``keep`` (bool ``[B, N]``) drops voxels."""
         values: dict[str, torch.Tensor] = {}
         if self.marginal_weights:
             prep = marginal_prepare(flat_logits, flat_target, mask)
+            if keep is not None:
+                prep = keep_prepared(prep, keep)
             for name in self.marginal_weights:
                 values[f"marginal/{name}"] = self._marginal_term(name, prep)
             del prep  # free the [B, K, N] buffers before the exclusion side builds its own
         partial = (~mask.all(dim=1)).nonzero().flatten()
         if self.exclusion_weights and partial.numel() > 0:
             eprep = exclusion_prepare(flat_logits[partial], flat_target[partial], mask[partial])
+            if keep is not None:
+                eprep = keep_exclusion_prepared(eprep, keep[partial])
             for name in self.exclusion_weights:
                 values[f"exclusion/{name}"] = self._exclusion_term(name, eprep)
         return values
@@ -157,13 +202,12 @@ class PartialLoss(nn.Module):
         logits:
             float ``[B, C+1, Z, Y, X]`` (any number of spatial axes), C + 1 >= 2.
         target:
-            integer ``[B, 1, Z, Y, X]`` global classes; unlabelled organs read as background.
+            integer ``[B, 1, Z, Y, X]`` global classes, or ``IGNORE_CLASS`` where the class is unknown;
+            unlabelled organs read as background.
         labelled:
             bool ``[B, C+1]``: classes each sample labels, column 0 True; all True = fully labelled.
         """
-        values = self.terms(logits, target, labelled)
-        labelled_mask = torch.as_tensor(labelled, device=logits.device).bool()
-        partial_share = float((~labelled_mask.all(dim=1)).sum()) / logits.shape[0]
+        values, partial_share = self._terms_and_share(logits, target, labelled)
         total = logits.new_zeros(())
         for key, value in values.items():
             side, name = key.split("/")
@@ -174,32 +218,51 @@ class PartialLoss(nn.Module):
         return total
 
 
+def _partial_share(mask: torch.Tensor) -> float:
+    """``B_p / B``: the share of samples whose labelled mask (bool ``[B, K]``) misses an organ."""
+    return float((~mask.all(dim=1)).sum()) / mask.shape[0]
+
+
 def build_loss(
-    spec: Mapping[str, Mapping[str, float]],
+    spec: Mapping[str, Any],
     *,
     smooth: float = DEFAULT_SMOOTH,
     gamma: float = DEFAULT_GAMMA,
     topk_percent: float = DEFAULT_TOPK_PERCENT,
-) -> PartialLoss:
+) -> PartialLoss | PriorAwareLoss:
     """Build a :class:`PartialLoss` from a config combination ``{"marginal": {...}, "exclusion": {...}}``.
+
+    A spec with a ``prior_aware`` entry, ``{"marginal": {...}, "prior_aware": {"prior": [C + 1 floats],
+    "weight": w}}``, builds PaNN's :class:`~fedpsmos.losses.prior_aware.PriorAwareLoss` instead: the marginal
+    side is its supervised part, and the exclusion side must be missing or empty.
 
     Parameters
     ----------
     spec:
         ``{side: {term: weight}}`` with sides ``marginal`` and ``exclusion`` (either may be missing or empty)
-        and terms among dice, ce, focal, topk, lovasz.
+        and terms among dice, ce, focal, topk, lovasz; optionally ``prior_aware``.
     smooth, gamma, topk_percent:
         hyper-parameters passed to :class:`PartialLoss` (paper values by default).
     """
     if not isinstance(spec, Mapping):
         raise ValueError(f"loss spec must be a mapping of sides to terms, got {type(spec).__name__}")
-    unknown = [side for side in spec if side not in SIDES]
+    unknown = [side for side in spec if side not in (*SIDES, PRIOR_AWARE)]
     if unknown:
-        raise ValueError(f"unknown loss spec side {unknown[0]!r} (known: {', '.join(SIDES)})")
-    return PartialLoss(
+        raise ValueError(f"unknown loss spec side {unknown[0]!r} (known: {', '.join((*SIDES, PRIOR_AWARE))})")
+    prior_aware = spec.get(PRIOR_AWARE)
+    if prior_aware is not None and spec.get("exclusion"):
+        raise ValueError("a prior_aware loss spec takes no exclusion-side term (the prior term replaces it)")
+    supervised = PartialLoss(
         spec.get("marginal") or {},
         spec.get("exclusion") or {},
         smooth=smooth,
         gamma=gamma,
         topk_percent=topk_percent,
     )
+    if prior_aware is None:
+        return supervised
+    if not isinstance(prior_aware, Mapping) or set(prior_aware) != {"prior", "weight"}:
+        raise ValueError(
+            f"loss spec {PRIOR_AWARE!r} must be {{'prior': [...], 'weight': w}}, got {prior_aware!r}"
+        )
+    return PriorAwareLoss(supervised, prior_aware["prior"], prior_aware["weight"])

@@ -4,7 +4,8 @@
 As in nnU-Net v2 (``nnUNetTrainer._build_loss`` and batchgeneratorsv2's ``DownsampleSegForDSTransform``):
 
 - the target of output i is the full-resolution label map resampled to that output's spatial shape with
-  ``interpolate(mode="nearest-exact")`` (labels are never averaged or max-pooled);
+  ``interpolate(mode="nearest-exact")`` (labels are never averaged or max-pooled, so every downsampled voxel
+  copies one full-resolution voxel and the ignore label ``IGNORE_CLASS`` stays itself, never blended);
 - the default weights are ``w_i = 1 / 2^i``, the lowest resolution gets weight 0, and the weights are
   normalised to sum to one; outputs with weight 0 are not evaluated.
 

@@ -36,8 +36,8 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from fedpsmos.atomic import atomic_path  # noqa: E402
-from fedpsmos.data.label_map import apply_label_map_image  # noqa: E402
-from fedpsmos.organs import CLASS_INDEX, ORGANS, labelled_organs  # noqa: E402
+from fedpsmos.data.label_map import LabelMap, apply_label_map_image  # noqa: E402
+from fedpsmos.organs import CLASS_INDEX, IGNORE_CLASS, ORGANS, labelled_organs  # noqa: E402
 from fedpsmos.paper.models import loss_label, model_name, model_order, parse_model_id  # noqa: E402
 from fedpsmos.paper.tables import read_metrics  # noqa: E402
 from fedpsmos.preprocessing.orientation import reorient
@@ -102,6 +102,7 @@ ORGAN_FAMILIES: dict[str, tuple[str, ...]] = {
 TRAINING_FAMILIES = {
     "pretrain": "M0 (pretraining)",
     "central": "central, per loss",
+    "baseline": "Table 3 baselines (central)",
     "site_alone": "site alone",
     "adapted": "FL + adaptation",
 }
@@ -252,8 +253,8 @@ def curve_key(path: str | os.PathLike[str]) -> dict[str, str]:
     Parameters
     ----------
     path:
-        A training curve CSV: ``pretrain``, ``central/{losses}``, ``site_alone/{site}`` or
-        ``adapted/{mode}/{site}`` under ``results/models``.
+        A training curve CSV: ``pretrain``, ``central/{losses}``, ``baseline/{method}``,
+        ``site_alone/{site}`` or ``adapted/{mode}/{site}`` under ``results/models``.
     """
     parts = Path(path).parent.parts
     rest = list(parts[parts.index("models") + 1 :]) if "models" in parts else [Path(path).parent.name]
@@ -263,6 +264,8 @@ def curve_key(path: str | os.PathLike[str]) -> dict[str, str]:
         key["label"] = "M0"
     elif family == "central" and len(rest) == 2:
         key["label"] = loss_label(rest[1])
+    elif family == "baseline" and len(rest) == 2:
+        key["label"] = {"panns": "PaNN", "pipo": "PIPO"}.get(rest[1], rest[1])
     elif family == "site_alone" and len(rest) == 2:
         key.update(label=rest[1], site=rest[1])
     elif family == "adapted" and len(rest) == 3:
@@ -444,7 +447,7 @@ def qualitative_rows(manifests: Sequence[str | os.PathLike[str]]) -> list[dict[s
                 "case": test[0],
                 "image": where(entry["image"]),
                 "label": where(entry["label"]),
-                "labels": manifest["labels"],
+                "labels": LabelMap.from_manifest(manifest),
             }
         )
     rows: list[dict[str, object]] = []
@@ -466,7 +469,7 @@ def _show(ax: plt.Axes, image: np.ndarray, label: np.ndarray | None, aspect: flo
     """One panel: a CT slice in a soft-tissue window with an organ overlay, axes frame and ticks hidden."""
     ax.imshow(image, cmap="gray", vmin=-160, vmax=240, aspect=aspect, origin="upper")
     if label is not None:
-        overlay = np.ma.masked_where(label == 0, label)
+        overlay = np.ma.masked_where((label == 0) | (label == IGNORE_CLASS), label)
         ax.imshow(
             overlay,
             cmap=ListedColormap(ORGAN_COLOURS),

@@ -16,7 +16,8 @@ adaptation mode against the federated model it starts from. The CSVs hold the nu
 p-values in a second block under the table.
 
 - Table 2: loss-combination ablation of the central model (``central/{losses}``).
-- Table 3: the MargExc-style Dice+CE combination against the default combination, federated and adapted.
+- Table 3: the other methods for partially labelled data trained centrally (PaNN, PIPO, the MargExc-style
+  Dice+CE combination) against the default combination, federated and adapted.
 - Table 4: federated against M0 (pretraining alone), central (upper bound) and site-alone models.
 - Table 5: federated settings (client iterations x rounds), total iterations and training time.
 - Table 6: the adaptation modes against the federated model they start from.
@@ -330,9 +331,15 @@ def best_adaptation_mode(metrics: pd.DataFrame, modes: Sequence[str]) -> str | N
 
 
 def table3_margexc(
-    metrics: pd.DataFrame, *, margexc: str, default_losses: str, default_setting: str, modes: Sequence[str]
+    metrics: pd.DataFrame,
+    *,
+    margexc: str,
+    default_losses: str,
+    default_setting: str,
+    modes: Sequence[str],
+    baselines: Sequence[str] = ("panns", "pipo"),
 ) -> pd.DataFrame:
-    """Table 3: MargExc-style Dice+CE central model vs the default combination, federated and best adaptation.
+    """Table 3: PaNN, PIPO, MargExc-style central models vs the default combination, FL, best adaptation.
 
     Parameters
     ----------
@@ -340,6 +347,9 @@ def table3_margexc(
         Concatenated metrics.
     margexc, default_losses:
         Loss combination names (config ``losses.margexc`` and ``losses.default``).
+    baselines:
+        Baseline methods shown first, in the paper's order (config ``baselines.methods``; a method not run
+        gives a row of '-').
     default_setting:
         Federated setting compared (config ``federated.default``).
     modes:
@@ -347,6 +357,7 @@ def table3_margexc(
     """
     best = best_adaptation_mode(metrics, modes)
     rows = [
+        *((model_name(f"baseline/{m}"), f"baseline/{m}") for m in baselines),
         (f"MargExc-style losses: {model_name(f'central/{margexc}')}", f"central/{margexc}"),
         (model_name(f"central/{default_losses}"), f"central/{default_losses}"),
         (model_name(f"federated/{default_setting}"), f"federated/{default_setting}"),
@@ -735,6 +746,7 @@ def make_tables(
     benchmarks: Mapping[str, Sequence[str | os.PathLike[str]]] | None = None,
     hd95_convention: str = DEFAULT_HD95,
     budgets: Mapping[str, Any] | None = None,
+    baselines: Sequence[str] = ("panns", "pipo"),
 ) -> list[Path]:
     """Build Tables 2-6 from the metrics CSVs and write ``{out_dir}/table{2..6}.{csv,md,tex}``.
 
@@ -756,6 +768,8 @@ def make_tables(
         Config ``evaluation.hd95``; the metrics must have been computed with it (:func:`checked_convention`).
     budgets:
         ``pretrain`` and ``central`` iterations (:class:`fedpsmos.budgets.Budgets` as a dict) for Table 5.
+    baselines:
+        Config ``baselines.methods`` (Table 3's PaNN and PIPO rows).
     """
     metrics = read_metrics(metrics_csvs, require_flags=True)
     note = caption_note(checked_convention(metrics, hd95_convention))
@@ -776,8 +790,11 @@ def make_tables(
                 default_losses=default_losses,
                 default_setting=default_setting,
                 modes=modes,
+                baselines=baselines,
             ),
-            f"Table 3. MargExc-style {loss_label(margexc)} against {loss_label(default_losses)} (central), "
+            "Table 3. Methods for partially labelled data trained centrally on the pooled sites with the "
+            "central model's budget: PaNN (prior-aware KL) and PIPO (pyramid input/output network), "
+            f"MargExc-style {loss_label(margexc)}; against {loss_label(default_losses)} (central), "
             f"federated ({default_setting}) and the best adaptation mode. {note}",
         ),
         (

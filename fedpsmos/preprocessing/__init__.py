@@ -1,8 +1,9 @@
 """Preprocessing: resampling to the shared spacing, CT normalisation, and the per-case ``.npz``.
 
 See :mod:`fedpsmos.preprocessing.resample` for the grid convention and the separable B-spline resampler,
-:mod:`fedpsmos.preprocessing.normalise` for the CT scheme and :mod:`fedpsmos.preprocessing.case` for
-:func:`preprocess_case`.
+:mod:`fedpsmos.preprocessing.normalise` for the CT scheme, :mod:`fedpsmos.preprocessing.case` for
+:func:`preprocess_case` and :mod:`fedpsmos.preprocessing.fingerprint` for the federated data fingerprint
+behind the ``auto`` settings.
 """
 
 from fedpsmos.preprocessing.case import (

@@ -4,7 +4,8 @@ Order of operations, and why:
 
 1. Read image and label with SimpleITK and check they share one grid.
 2. Apply the site label map in the original grid, so the kidney left/right split uses the original physical
-   coordinates (:func:`fedpsmos.data.label_map.apply_label_map_image`).
+   coordinates (:func:`fedpsmos.data.label_map.apply_label_map_image`); background values become 0 and
+   ignored values :data:`fedpsmos.organs.IGNORE_CLASS` (255), which nearest-neighbour resampling keeps.
 3. Bring image and global label to the canonical orientation (:mod:`fedpsmos.preprocessing.orientation`:
    ``DICOMOrient`` to LPS, a permutation and flip of the axes with no interpolation), so the same anatomy
    gives the same array whether the file stored it LPS, RAS or slice axis first. Before resampling, because
@@ -28,11 +29,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from fedpsmos.atomic import atomic_path
-from fedpsmos.data.label_map import apply_label_map_image
-from fedpsmos.organs import CLASS_INDEX, LabelMapError, labelled_mask, labelled_organs
-from fedpsmos.preprocessing.normalise import normalise_ct
+from fedpsmos.data.label_map import LabelMap, apply_label_map_image, as_label_map
+from fedpsmos.organs import CLASS_INDEX, IGNORE_CLASS, LabelMapError, labelled_mask
 from fedpsmos.preprocessing.orientation import RECORD_KEYS, orientation_record, reorient
 from fedpsmos.preprocessing.resample import resample_array
+from fedpsmos.preprocessing.scan import PreprocessingError, check_settings, image_to_network_grid
+from fedpsmos.preprocessing.scan import read_image as _read
 
 NPZ_KEYS = (
     "image",
@@ -45,27 +47,6 @@ NPZ_KEYS = (
     "sitk_direction",
     *RECORD_KEYS,
 )
-
-
-class PreprocessingError(ValueError):
-    """An image/label pair cannot be preprocessed (unreadable, mismatched grids, unknown label values)."""
-
-
-def _read(path: Path, what: str) -> sitk.Image:
-    """Read a 3-D scalar image, raising :class:`PreprocessingError` naming the file."""
-    if not path.is_file():
-        raise PreprocessingError(f"{path}: {what} file not found")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unreadable"
-        raise PreprocessingError(f"{path}: cannot read {what}: {first}") from err
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise PreprocessingError(
-            f"{path}: {what} must be a 3-D scalar image, got {image.GetDimension()}-D with "
-            f"{image.GetNumberOfComponentsPerPixel()} components"
-        )
-    return image
 
 
 def _check_same_grid(image: sitk.Image, label: sitk.Image, label_path: Path) -> None:
@@ -88,7 +69,7 @@ def preprocess_case(
     label_path: str | os.PathLike[str],
     out_npz: str | os.PathLike[str],
     *,
-    labels: Mapping[str, Sequence[int]],
+    labels: LabelMap | Mapping[str, Sequence[int]],
     spacing: Sequence[float],
     image_order: int,
     clip: Sequence[float],
@@ -106,7 +87,8 @@ def preprocess_case(
     out_npz:
         Output path; must end in ``.npz`` (NumPy would otherwise append it).
     labels:
-        The site's label map ``{organ: [site values]}`` (``kidney`` is split left/right by body side).
+        The site's :class:`~fedpsmos.data.label_map.LabelMap` (or a plain ``{organ: [site values]}`` map;
+        ``kidney`` is split left/right by body side).
     spacing:
         Target spacing (z, y, x) in mm (``preprocessing.spacing``).
     image_order:
@@ -119,26 +101,23 @@ def preprocess_case(
     dict
         ``shape`` (z, y, x) and ``spacing`` after orientation and resampling, the original ``sitk_size``,
         ``orientation`` (the file's orientation code) and
-        ``voxels``: voxel count per labelled organ in the resampled label map.
+        ``voxels``: voxel count per labelled organ in the resampled label map, ``ignored``: its voxels of
+        unknown class (IGNORE_CLASS).
     """
     image_path, label_path, out_npz = Path(image_path), Path(label_path), Path(out_npz)
     if out_npz.suffix != ".npz":
         raise PreprocessingError(f"{out_npz}: output must end in .npz")
-    if image_order not in (1, 3):
-        raise PreprocessingError(f"{image_path}: image_order must be 1 or 3, got {image_order}")
-    if len(spacing) != 3 or any(float(s) <= 0 for s in spacing):
-        raise PreprocessingError(
-            f"{image_path}: target spacing must be 3 positive values (z, y, x), got {spacing}"
-        )
+    check_settings(image_path, spacing=spacing, image_order=image_order)
     try:
-        organs = labelled_organs(labels)
+        label_map = as_label_map(labels)
+        organs = label_map.organs
     except LabelMapError as err:
         raise PreprocessingError(f"{label_path}: {err}") from err
     image = _read(image_path, "image")
     label = _read(label_path, "label")
     _check_same_grid(image, label, label_path)
     try:
-        global_label = apply_label_map_image(label, labels)
+        global_label = apply_label_map_image(label, label_map)
     except LabelMapError as err:
         raise PreprocessingError(f"{label_path}: {err}") from err
 
@@ -147,13 +126,11 @@ def preprocess_case(
     oriented = reorient(image)
     oriented_label = sitk.GetArrayFromImage(reorient(global_image))
 
-    intensities = sitk.GetArrayViewFromImage(oriented)
-    if not np.all(np.isfinite(intensities)):
-        raise PreprocessingError(f"{image_path}: image holds non-finite values")
-    normalised = normalise_ct(intensities, clip=clip, mean=mean, std=std)
-    from_spacing = tuple(float(s) for s in reversed(oriented.GetSpacing()))
     target = tuple(float(s) for s in spacing)
-    resampled = resample_array(normalised, from_spacing, target, order=image_order)
+    resampled = image_to_network_grid(
+        oriented, image_path, spacing=target, image_order=image_order, clip=clip, mean=mean, std=std
+    )
+    from_spacing = tuple(float(s) for s in reversed(oriented.GetSpacing()))
     resampled_label = resample_array(oriented_label, from_spacing, target, order=0).astype(np.uint8)
 
     arrays: dict[str, Any] = {
@@ -171,20 +148,22 @@ def preprocess_case(
         out_npz, suffix=".npz"
     ) as tmp:  # the temporary name keeps the .npz suffix, so NumPy writes it as is
         np.savez_compressed(tmp, **arrays)
-    counts = np.bincount(resampled_label.ravel(), minlength=len(CLASS_INDEX))
+    counts = np.bincount(resampled_label.ravel(), minlength=IGNORE_CLASS + 1)
     return {
         "shape": list(resampled.shape),
         "spacing": list(target),
         "sitk_size": list(image.GetSize()),
         "orientation": str(arrays["orientation"]),
         "voxels": {organ: int(counts[CLASS_INDEX[organ]]) for organ in organs},
+        "ignored": int(counts[IGNORE_CLASS]),
     }
 
 
 def preprocess_manifest_case(
     manifest_path: str | os.PathLike[str], case: str, out_npz: str | os.PathLike[str], **settings: Any
 ) -> dict[str, Any]:
-    """Look up ``case`` in a site manifest's ``cases`` list and run :func:`preprocess_case` on its files.
+    """Look up ``case`` in a site manifest's ``cases`` list and run :func:`preprocess_case` on its files,
+    with the resolved label map the manifest records (``labels``, ``background``, ``ignore``).
 
     Parameters
     ----------
@@ -195,17 +174,23 @@ def preprocess_manifest_case(
     out_npz:
         Output ``.npz`` path.
     settings:
-        Keyword arguments of :func:`preprocess_case` (``labels``, ``spacing``, ``image_order``, ``clip``,
-        ``mean``, ``std``).
+        Keyword arguments of :func:`preprocess_case` other than ``labels`` (``spacing``, ``image_order``,
+        ``clip``, ``mean``, ``std``).
     """
     manifest_path = Path(manifest_path)
+    if "labels" in settings:
+        raise PreprocessingError(f"{manifest_path}: the label map comes from the manifest; pass no labels")
     try:
         manifest = json.loads(manifest_path.read_text())
         entries = [e for e in manifest["cases"] if e["case"] == case]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise PreprocessingError(f"{manifest_path}: cannot read the manifest's cases: {err}") from err
+    try:
+        label_map = LabelMap.from_manifest(manifest)
+    except LabelMapError as err:
+        raise PreprocessingError(f"{manifest_path}: {err}") from err
     if len(entries) != 1:
         raise PreprocessingError(
             f"{manifest_path}: case {case!r} appears {len(entries)} times in the manifest"
         )
-    return preprocess_case(entries[0]["image"], entries[0]["label"], out_npz, **settings)
+    return preprocess_case(entries[0]["image"], entries[0]["label"], out_npz, labels=label_map, **settings)

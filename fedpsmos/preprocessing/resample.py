@@ -135,6 +135,51 @@ def resample_array(
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def resample_to_shape(
+    array_zyx: np.ndarray,
+    from_spacing_zyx: Sequence[float],
+    to_spacing_zyx: Sequence[float],
+    shape_zyx: Sequence[int],
+    *,
+    order: int,
+) -> np.ndarray:
+    """Resample a ``[Z, Y, X]`` array onto the shared-origin grid of a given shape (module docstring).
+
+    Unlike :func:`resample_array`, the output shape is given rather than derived from the spacings: this is
+    how a prediction on the preprocessed grid goes back to the exact voxel count of an original grid (output
+    voxel ``k`` samples input continuous index ``k * to / from``, edge values past the last input voxel).
+
+    Parameters
+    ----------
+    array_zyx:
+        The array, at ``from_spacing_zyx``.
+    from_spacing_zyx, to_spacing_zyx:
+        Its spacing and the target grid's spacing, (z, y, x) in mm.
+    shape_zyx:
+        The target grid's shape.
+    order:
+        1 linear (returns float32; use it for probabilities, whose sum over classes it keeps), 0 nearest
+        neighbour (keeps the dtype), 3 cubic B-spline.
+    """
+    if order not in SUPPORTED_ORDERS:
+        raise ValueError(f"interpolation order must be one of {SUPPORTED_ORDERS}, got {order}")
+    shape = tuple(int(v) for v in shape_zyx)
+    resampled_shape(array_zyx.shape, from_spacing_zyx, to_spacing_zyx)  # checks axes and spacings
+    if array_zyx.ndim != 3 or len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"expected a [Z, Y, X] array and a 3-D target shape, got {array_zyx.shape}, {shape}")
+    scales = np.asarray(to_spacing_zyx, dtype=np.float64) / np.asarray(from_spacing_zyx, dtype=np.float64)
+    if order == 0:
+        index = [
+            _axis_weights(n, m, float(s), 0)[0][0]
+            for n, m, s in zip(array_zyx.shape, shape, scales, strict=True)
+        ]
+        return array_zyx[np.ix_(*index)]
+    out = np.asarray(array_zyx, dtype=np.float32)
+    for axis in sorted(range(3), key=lambda a: shape[a] / array_zyx.shape[a]):
+        out = _resample_axis(out, axis, shape[axis], float(scales[axis]), order)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
 def resample_image_sitk(image: sitk.Image, to_spacing_zyx: Sequence[float], *, order: int) -> sitk.Image:
     """Reference resampling with SimpleITK's ``Resample`` on the same grid as :func:`resample_array`.
 

@@ -73,7 +73,12 @@ def _rotation_matrix(angles: np.ndarray) -> np.ndarray:
 def _spatial(
     image: torch.Tensor, target: torch.Tensor, matrix: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample a ``[1, Z, Y, X]`` sample with ``input = matrix @ output`` about the patch centre (voxels)."""
+    """Resample a ``[1, Z, Y, X]`` sample with ``input = matrix @ output`` about the patch centre (voxels).
+
+    The label is sampled with nearest neighbour, so every output voxel copies one input label and the ignore
+    label (``IGNORE_CLASS``) is never blended with a class; voxels mapped from outside the patch get
+    background.
+    """
     size = np.array(image.shape[1:], dtype=np.float64)  # z, y, x
     # affine_grid works in normalised (x, y, z) coordinates, u = offset / (n / 2) (align_corners=False).
     half = size[::-1] / 2.0

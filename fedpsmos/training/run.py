@@ -21,7 +21,7 @@ from fedpsmos.training.sampler import site_data_from_manifest
 from fedpsmos.training.selection import validation_cases_from_manifest
 from fedpsmos.training.trainer import TrainSettings, train_model
 
-KINDS: tuple[str, ...] = ("pretrain", "central", "site_alone", "adapted")
+KINDS: tuple[str, ...] = ("pretrain", "central", "baseline", "site_alone", "adapted")
 
 
 def class_map_for(organs: Sequence[str]) -> np.ndarray | None:
@@ -57,7 +57,9 @@ def train_from_params(params: Mapping[str, Any], output: Mapping[str, str | Path
         ``kind`` (pretrain | central | site_alone | adapted), ``sites`` (list of {site, manifest, npz_dir,
         patches}), ``init`` (checkpoint path or ""), ``loss`` (loss spec), ``epochs``, ``freeze_mode``,
         ``network`` (config ``network`` section), ``training`` (config ``training`` section),
-        ``patch_size``, ``seed``, ``organs`` (the organs the model outputs).
+        ``patch_size``, ``seed``, ``organs`` (the organs the model outputs), and optionally
+        ``preprocessing`` (the resolved ``results/preprocessed/settings.json``, recorded in the checkpoint's
+        meta so that ``fedpsmos predict`` can preprocess new scans the same way).
     output:
         ``model``, ``curve_csv``, ``curve_png`` paths.
     """
@@ -82,6 +84,8 @@ def train_from_params(params: Mapping[str, Any], output: Mapping[str, str | Path
         "site": sites[0].site if len(sites) == 1 else None,
         "n_cases": sum(len(s.npz_paths) for s in sites),
     }
+    if params.get("preprocessing"):
+        meta["preprocessing"] = dict(params["preprocessing"])
     init = str(params.get("init") or "")
     train_model(
         network=NetworkSpec.from_config(params["network"], num_classes=len(organs) + 1),

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedpsmos.organs import NUM_CLASSES
+from fedpsmos.organs import IGNORE_CLASS, NUM_CLASSES
 from fedpsmos.training.augmentation import augment_batch
 from fedpsmos.training.checkpoint import numpy_generator_state, set_numpy_generator_state
 
@@ -258,10 +258,16 @@ class PatchSampler:
         labelled = np.asarray(labelled, dtype=bool)
         if labelled.shape != (NUM_CLASSES,):
             raise SamplerError(f"{path}: labelled mask has shape {labelled.shape}, need ({NUM_CLASSES},)")
-        if int(label.max(initial=0)) >= NUM_CLASSES:
-            raise SamplerError(f"{path}: label holds class {int(label.max())} >= {NUM_CLASSES}")
+        ignored = label == IGNORE_CLASS  # class unknown: kept as IGNORE_CLASS for the losses to skip
+        out_of_range = (label >= NUM_CLASSES) & ~ignored
+        if out_of_range.any():
+            raise SamplerError(
+                f"{path}: label holds class {int(label[out_of_range].max())} >= {NUM_CLASSES} "
+                f"(only the ignore label {IGNORE_CLASS} may exceed the classes)"
+            )
         if self.class_map is not None:
-            label = self.class_map[label].astype(np.uint8)
+            mapped = self.class_map[np.where(ignored, 0, label)]
+            label = np.where(ignored, IGNORE_CLASS, mapped).astype(np.uint8)
             labelled = remap_mask(labelled, self.class_map)
         entry = (image, label, labelled)
         self._cache[key] = entry
@@ -287,7 +293,8 @@ class PatchSampler:
         for s, code, corner in self._draw_rows():
             self.last_draw.append((self._indices[s].site.site, self._indices[s].cases[code], corner))
             image, label, labelled = self._case(s, code)
-            # Outside the image is air-like: pad with the case's minimum intensity and background labels.
+            # Outside the image is air-like: pad with the case's minimum intensity and background labels
+            # (known background, not the ignore label: nnU-Net also pads labels as background).
             images.append(crop_patch(image, corner, self.patch_size, float(image.min())))
             targets.append(crop_patch(label, corner, self.patch_size, 0))
             masks.append(labelled)

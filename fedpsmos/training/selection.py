@@ -5,10 +5,11 @@ manifest's ``validation`` list holds out of training. A model is scored case by 
 window (:func:`fedpsmos.inference.sliding_window.predict_logits`, step 0.5, no mirroring) on the preprocessed
 grid, the argmax, and :func:`fedpsmos.evaluation.metrics.dice` for every organ that is both labelled in the
 case (its ``labelled`` mask: a partially labelled site scores only its own organs) and output by the model (a
-site-alone model scores only its own classes). A case's score is the mean over its scored organs; the
-validation score is the mean over cases. Only the given cases' files are opened, so a site's scorer reads
-its own data and nothing else. Inference takes no random numbers, so scoring never changes a training run's
-random streams.
+site-alone model scores only its own classes). Voxels whose label is the ignore label (``IGNORE_CLASS``, class
+unknown) are left out of every Dice: a prediction there counts neither for nor against an organ. A case's
+score is the mean over its scored organs; the validation score is the mean over cases. Only the given cases'
+files are opened, so a site's scorer reads its own data and nothing else. Inference takes no random numbers,
+so scoring never changes a training run's random streams.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 
 from fedpsmos.evaluation.metrics import dice
 from fedpsmos.inference.sliding_window import predict_logits
-from fedpsmos.organs import CLASS_INDEX, ORGANS
+from fedpsmos.organs import CLASS_INDEX, IGNORE_CLASS, ORGANS
 
 VALIDATION_STEP = 0.5  # nnU-Net's tile step; mirroring is off: selection runs often, 8x cheaper without it
 
@@ -88,6 +89,13 @@ def output_organs(class_map: np.ndarray | None) -> tuple[str, ...]:
     return tuple(by_channel[k] for k in sorted(by_channel))
 
 
+def _scored_prediction(pred: np.ndarray, label: np.ndarray, channel: int) -> np.ndarray:
+    """Mask of the voxels predicted as ``channel``, less those whose label is ``IGNORE_CLASS``."""
+    predicted = pred == channel
+    ignored = label == IGNORE_CLASS
+    return predicted & ~ignored if ignored.any() else predicted
+
+
 def case_dice(
     model: nn.Module,
     cases: Sequence[ValidationCase],
@@ -127,7 +135,7 @@ def case_dice(
             pred = logits.argmax(dim=0).cpu().numpy()
             out.append(
                 {
-                    organ: dice(pred == k, label == CLASS_INDEX[organ])
+                    organ: dice(_scored_prediction(pred, label, k), label == CLASS_INDEX[organ])
                     for k, organ in enumerate(organs, start=1)
                     if labelled[CLASS_INDEX[organ]]
                 }

@@ -6,6 +6,7 @@ rule adapt_model:
     input:
         unpack(get_site_data),
         init=f"results/models/federated/{DEFAULT_SETTING}/model.pt",
+        settings="results/preprocessed/settings.json",
     output:
         model="results/models/adapted/{mode}/{site}/model.pt",
         curve_csv="results/models/adapted/{mode}/{site}/curve.csv",

@@ -2,11 +2,14 @@
 
 import dataclasses
 
-from fedpsmos.budgets import iteration_budgets
-from fedpsmos.config import validate_config
+from fedpsmos.budgets import baseline_epochs, iteration_budgets
+from fedpsmos.config import drop_unset, validate_config
 from fedpsmos.data.sources import case_ids
 from fedpsmos.organs import ORGANS, labelled_organs
+from fedpsmos.preprocessing.fingerprint import needs_fingerprint
 
+# An overlay deletes a key by setting it to null (e.g. `synthetic: null`).
+drop_unset(config)
 validate_config(config, source="config")
 
 SITES = list(config["sites"])
@@ -23,8 +26,9 @@ DEFAULT_SETTING = config["federated"]["default"]
 ROUNDS_PER_JOB = config["federated"]["rounds_per_job"]
 MODES = config["adaptation"]["modes"]
 EVALUATED = config.get("evaluation", {}).get(
-    "models", ["pretrain", "central", "federated", "site_alone", "adapted"]
+    "models", ["pretrain", "central", "baseline", "federated", "site_alone", "adapted"]
 )
+BASELINES = config.get("baselines", {}).get("methods", [])
 
 
 def _alternatives(names):
@@ -39,7 +43,8 @@ wildcard_constraints:
     r=r"\d+",
     b=r"\d+",
     case=r"[A-Za-z0-9_.\-]+",
-    model=r"pretrain|site_alone|central/[a-z0-9_]+|federated/[A-Za-z0-9_]+|adapted/(full|decoder|encoder)",
+    method="panns|pipo",
+    model=r"pretrain|site_alone|central/[a-z0-9_]+|baseline/(panns|pipo)|federated/[A-Za-z0-9_]+|adapted/(full|decoder|encoder)",
 
 
 # ---------------------------------------------------------------- data
@@ -59,7 +64,11 @@ def site_root(site):
 def site_case_ids(site):
     spec = config["sites"][site].get("synthetic")
     return case_ids(
-        config["sites"][site]["source"], site_root(site), site=site, spec=spec
+        config["sites"][site]["source"],
+        site_root(site),
+        site=site,
+        spec=spec,
+        files=config["sites"][site].get("files"),
     )
 
 
@@ -74,6 +83,13 @@ def site_npz(site):
     return expand(
         "results/preprocessed/{site}/{case}.npz", site=site, case=site_case_ids(site)
     )
+
+
+def get_fingerprint_input(wildcards=None):
+    """The federated fingerprint, only when a preprocessing setting is `auto` (else no fingerprint job runs)."""
+    if needs_fingerprint(config["preprocessing"]):
+        return {"fingerprint": "results/data/fingerprint.json"}
+    return {}
 
 
 def get_site_npz(wildcards):
@@ -156,6 +172,38 @@ def get_model_file(wildcards):
     if model.startswith("federated/") and site_validates(wildcards.site):
         return f"results/models/{model}/selected/{wildcards.site}.pt"
     return f"results/models/{model}/model.pt"
+
+
+def get_baseline_inputs(wildcards):
+    """PaNN starts from M0 and reads the organ-size prior; PIPO (another network) trains from scratch."""
+    if wildcards.method == "panns":
+        return {
+            "init": "results/models/pretrain/model.pt",
+            "prior": "results/models/baseline/panns/prior.json",
+        }
+    return {}
+
+
+def get_baseline_loss(wildcards):
+    """The marginal side of `baselines.losses`, plus PaNN's prior-aware term (its prior is an input)."""
+    spec = {"marginal": dict(COMBINATIONS[config["baselines"]["losses"]]["marginal"])}
+    if wildcards.method == "panns":
+        spec["prior_aware"] = {
+            "weight": float(config["baselines"].get("panns", {}).get("weight", 1.0))
+        }
+    return spec
+
+
+def get_baseline_epochs(wildcards):
+    """The central model's budget (fedpsmos.budgets.baseline_epochs): PaNN from M0, PIPO from scratch."""
+    return baseline_epochs(config["training"], wildcards.method)
+
+
+def get_baseline_network(wildcards):
+    return {
+        **config["network"],
+        "architecture": "pipo" if wildcards.method == "pipo" else "plain",
+    }
 
 
 # ---------------------------------------------------------------- federated rounds
@@ -253,6 +301,8 @@ def evaluated_pairs():
             pairs += [("pretrain", s) for s in SITES]
         elif family == "central":
             pairs += [(f"central/{c}", s) for c in CENTRAL_LOSSES for s in SITES]
+        elif family == "baseline":
+            pairs += [(f"baseline/{m}", s) for m in BASELINES for s in SITES]
         elif family == "federated":
             pairs += [(f"federated/{g}", s) for g in SETTINGS for s in SITES]
         elif family == "site_alone":
@@ -274,6 +324,8 @@ def trained_model_dirs():
     dirs = ["results/models/pretrain"]
     if "central" in EVALUATED:
         dirs += [f"results/models/central/{c}" for c in CENTRAL_LOSSES]
+    if "baseline" in EVALUATED:
+        dirs += [f"results/models/baseline/{m}" for m in BASELINES]
     if "site_alone" in EVALUATED:
         dirs += [f"results/models/site_alone/{s}" for s in SITES]
     if "adapted" in EVALUATED:
@@ -340,6 +392,21 @@ def get_synthetic_spec(wildcards):
 
 def get_site_labels(wildcards):
     return config["sites"][wildcards.site]["labels"]
+
+
+def get_site_background(wildcards):
+    """`sites.{site}.background`: values (or dataset.json names) mapped to background, or `rest`; None."""
+    return config["sites"][wildcards.site].get("background")
+
+
+def get_site_ignore(wildcards):
+    """`sites.{site}.ignore`: values (or dataset.json names) of unknown class; None."""
+    return config["sites"][wildcards.site].get("ignore")
+
+
+def get_site_files(wildcards):
+    """`sites.{site}.files`: the {images, labels} path templates of a `files` source; None."""
+    return config["sites"][wildcards.site].get("files")
 
 
 def get_site_source(wildcards):

@@ -31,6 +31,9 @@ rule validate_site:
         source=get_site_source,
         root=get_site_root,
         labels=get_site_labels,
+        background=get_site_background,
+        ignore=get_site_ignore,
+        files=get_site_files,
         split=get_site_split,
         seed=config["seed"],
     script:
@@ -55,9 +58,51 @@ rule plot_site_preview:
         "../../scripts/plot_site_preview.py"
 
 
+rule site_fingerprint:
+    input:
+        manifest="results/data/{site}/manifest.json",
+    output:
+        fingerprint="results/data/{site}/fingerprint.json",
+    log:
+        "logs/site_fingerprint/{site}.log",
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../../scripts/site_fingerprint.py"
+
+
+rule merge_fingerprints:
+    input:
+        sites=expand("results/data/{site}/fingerprint.json", site=SITES),
+    output:
+        fingerprint="results/data/fingerprint.json",
+    log:
+        "logs/merge_fingerprints.log",
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../../scripts/merge_fingerprints.py"
+
+
+rule preprocessing_settings:
+    input:
+        unpack(get_fingerprint_input),
+    output:
+        settings="results/preprocessed/settings.json",
+    log:
+        "logs/preprocessing_settings.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        preprocessing=config["preprocessing"],
+    script:
+        "../../scripts/preprocessing_settings.py"
+
+
 rule preprocess_case:
     input:
         manifest="results/data/{site}/manifest.json",
+        settings="results/preprocessed/settings.json",
     output:
         npz="results/preprocessed/{site}/{case}.npz",
     log:
@@ -66,12 +111,6 @@ rule preprocess_case:
         "../../envs/data.yaml"
     params:
         case="{case}",
-        labels=get_site_labels,
-        spacing=config["preprocessing"]["spacing"],
-        image_order=config["preprocessing"]["image_order"],
-        clip=config["preprocessing"]["clip"],
-        mean=config["preprocessing"]["mean"],
-        std=config["preprocessing"]["std"],
     script:
         "../../scripts/preprocess_case.py"
 

@@ -21,6 +21,7 @@ rule predict_site:
         patch_size=config["patches"]["size"],
         step=config["inference"]["step"],
         mirror=config["inference"]["mirror"],
+        resample=config["inference"].get("resample", "probabilities"),
     script:
         "../../scripts/predict_site.py"
 
@@ -36,7 +37,6 @@ rule evaluate_site:
     conda:
         "../../envs/data.yaml"
     params:
-        labels=get_site_labels,
         model="{model}",
         site="{site}",
         hd95=config.get("evaluation", {}).get("hd95", "max"),

@@ -7,12 +7,15 @@
 rule init_federation:
     input:
         model="results/models/pretrain/model.pt",
+        settings="results/preprocessed/settings.json",
     output:
         global_model="results/federated/{setting}/round_0/global.pt",
     log:
         "logs/init_federation/{setting}.log",
     conda:
         "../../envs/training.yaml"
+    params:
+        patch_size=config["patches"]["size"],
     script:
         "../../scripts/init_federation.py"
 
@@ -103,6 +106,7 @@ else:
 rule finalise_federation:
     input:
         get_federation_end,
+        settings="results/preprocessed/settings.json",
     output:
         model="results/models/federated/{setting}/model.pt",
         csv="results/models/federated/{setting}/rounds.csv",
@@ -129,6 +133,7 @@ rule finalise_federation:
 rule select_federated_model:
     input:
         unpack(get_selection_inputs),
+        settings="results/preprocessed/settings.json",
     output:
         model="results/models/federated/{setting}/selected/{site}.pt",
     log:

@@ -30,6 +30,7 @@ rule make_tables:
         benchmarks=get_table5_benchmarks(),
         hd95=config.get("evaluation", {}).get("hd95", "max"),
         budgets=get_budgets(),
+        baselines=BASELINES,
     script:
         "../../scripts/make_tables.py"
 

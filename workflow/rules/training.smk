@@ -1,10 +1,12 @@
 # Centrally trained models: M0 on the fully labelled site, the central upper bound per loss combination,
+# Table 3's baselines (PaNN, PIPO),
 # and each site alone. Training rules declare a GPU so a cluster profile requests one for them only.
 
 
 rule pretrain:
     input:
         data=sites_inputs(FULL_SITES),
+        settings="results/preprocessed/settings.json",
     output:
         model="results/models/pretrain/model.pt",
         curve_csv="results/models/pretrain/curve.csv",
@@ -41,6 +43,7 @@ rule train_central:
     input:
         init="results/models/pretrain/model.pt",
         data=sites_inputs(SITES),
+        settings="results/preprocessed/settings.json",
     output:
         model="results/models/central/{losses}/model.pt",
         curve_csv="results/models/central/{losses}/curve.csv",
@@ -76,6 +79,7 @@ rule train_central:
 rule train_site_alone:
     input:
         unpack(get_site_data),
+        settings="results/preprocessed/settings.json",
     output:
         model="results/models/site_alone/{site}/model.pt",
         curve_csv="results/models/site_alone/{site}/curve.csv",
@@ -101,6 +105,61 @@ rule train_site_alone:
         freeze_mode="full",
         organs=get_site_organs,
         network=config["network"],
+        training=config["training"],
+        patch_size=config["patches"]["size"],
+        seed=config["seed"],
+    script:
+        "../../scripts/train_model.py"
+
+
+rule organ_prior:
+    input:
+        data=sites_inputs(FULL_SITES[:1]),
+    output:
+        prior="results/models/baseline/panns/prior.json",
+    log:
+        "logs/organ_prior/panns.log",
+    conda:
+        "../../envs/training.yaml"
+    params:
+        site=site_descriptor(FULL_SITES[0]),
+        patch_size=config["patches"]["size"],
+        patches=config.get("baselines", {}).get("panns", {}).get("prior_patches", 200),
+        seed=config["seed"],
+    script:
+        "../../scripts/organ_prior.py"
+
+
+rule train_baseline:
+    input:
+        unpack(get_baseline_inputs),
+        data=sites_inputs(SITES),
+        settings="results/preprocessed/settings.json",
+    output:
+        model="results/models/baseline/{method}/model.pt",
+        curve_csv="results/models/baseline/{method}/curve.csv",
+        curve_png=report(
+            "results/models/baseline/{method}/curve.png",
+            caption="../report/training_curve.rst",
+            category="Training curves",
+        ),
+    log:
+        "logs/train_baseline/{method}.log",
+    benchmark:
+        "results/benchmarks/train_baseline/{method}.tsv"
+    conda:
+        "../../envs/training.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+    params:
+        kind="baseline",
+        sites=[site_descriptor(s) for s in SITES],
+        loss=get_baseline_loss,
+        epochs=get_baseline_epochs,
+        freeze_mode="full",
+        organs=list(ORGANS),
+        network=get_baseline_network,
         training=config["training"],
         patch_size=config["patches"]["size"],
         seed=config["seed"],
