@@ -16,7 +16,7 @@ def main(snakemake) -> None:
         site=str(snakemake.params.site),
         out_csv=snakemake.output.metrics,
         model_organs=list(organs) if organs else None,
-        hd95_convention=str(snakemake.params.get("hd95", "max")),
+        hd95_convention=str(snakemake.params.hd95),
     )
 
 

@@ -19,9 +19,9 @@ def main(snakemake) -> None:
         default_setting=str(snakemake.params.default_setting),
         modes=list(snakemake.params.modes),
         benchmarks={k: list(v) for k, v in dict(snakemake.params.benchmarks).items()},
-        hd95_convention=str(snakemake.params.get("hd95", "max")),
+        hd95_convention=str(snakemake.params.hd95),
         budgets=dict(snakemake.params.budgets),
-        baselines=list(snakemake.params.get("baselines", [])),
+        baselines=list(snakemake.params.baselines),
     )
     missing = {str(p) for p in snakemake.output} - {str(p) for p in written}
     if missing:

@@ -24,7 +24,7 @@ def main(snakemake) -> None:
         patch_size=[int(v) for v in snakemake.params.patch_size],
         step=float(snakemake.params.step),
         mirror=bool(snakemake.params.mirror),
-        resample=str(snakemake.params.get("resample", "probabilities")),
+        resample=str(snakemake.params.resample),
     )
 
 

@@ -15,9 +15,9 @@ def main(snakemake) -> None:
         source=params.source,
         root=params.root,
         labels=dict(params.labels),
-        background=getattr(params, "background", None),  # values, dataset.json names or "rest"
-        ignore=getattr(params, "ignore", None),
-        files=getattr(params, "files", None),  # path templates of a `files` source
+        background=params.background,  # values, dataset.json names or "rest"; None
+        ignore=params.ignore,
+        files=params.files,  # path templates of a `files` source; None
         split=SplitSettings.from_config(dict(params.split)),
         seed=int(params.seed),
     )

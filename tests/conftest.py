@@ -83,6 +83,20 @@ def write_raw_case() -> RawCaseWriter:
     return write
 
 
+def tiny_spec(num_classes: int, *, deep_supervision: bool = True):
+    """The tests' tiny real network: a two-stage PlainConvUNet (4 and 8 features, one conv a stage)."""
+    from fedpsmos.network import NetworkSpec
+
+    return NetworkSpec(
+        features=(4, 8),
+        strides=((1, 1, 1), (2, 2, 2)),
+        kernel_sizes=((3, 3, 3), (3, 3, 3)),
+        conv_per_stage=1,
+        deep_supervision=deep_supervision,
+        num_classes=num_classes,
+    )
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Each test starts with one torch thread: results that are compared bit for bit (a block of rounds in

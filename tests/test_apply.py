@@ -16,12 +16,13 @@ from fedpsmos.federated.rounds import init_global
 from fedpsmos.inference.apply import ApplyError, find_scans, predict_folder
 from fedpsmos.inference.predict import predict_site
 from fedpsmos.inference.probabilities import argmax_on_grid
-from fedpsmos.network import NetworkSpec, build_network
+from fedpsmos.network import build_network
 from fedpsmos.organs import ORGANS
 from fedpsmos.preprocessing.orientation import orientation_record, reorient
 from fedpsmos.preprocessing.resample import resample_label_to_geometry
 from fedpsmos.preprocessing.scan import image_to_network_grid
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
+from tests.conftest import tiny_spec
 
 torch.set_num_threads(2)
 SETTINGS = {"spacing": [3.0, 2.0, 2.0], "image_order": 1, "clip": [-100.0, 200.0], "mean": 50.0, "std": 60.0}
@@ -36,14 +37,7 @@ def _rotation_z(degrees: float) -> tuple[float, ...]:
 
 def _model(path: Path, *, preprocessing: dict | None = SETTINGS) -> Path:
     """A tiny random-weight PlainConvUNet over the five organs, with the meta fedpsmos predict reads."""
-    spec = NetworkSpec(
-        features=(4, 8),
-        strides=((1, 1, 1), (2, 2, 2)),
-        kernel_sizes=((3, 3, 3), (3, 3, 3)),
-        conv_per_stage=1,
-        deep_supervision=True,
-        num_classes=len(ORGANS) + 1,
-    )
+    spec = tiny_spec(len(ORGANS) + 1)
     meta = {"network": spec.to_dict(), "organs": list(ORGANS), "kind": "pretrain", "patch_size": PATCH}
     if preprocessing is not None:
         meta["preprocessing"] = preprocessing

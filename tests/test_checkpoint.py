@@ -20,6 +20,7 @@ from fedpsmos.training.checkpoint import (
     set_numpy_generator_state,
     set_python_random_state,
 )
+from tests.conftest import tiny_spec
 
 torch.set_num_threads(1)
 
@@ -135,14 +136,7 @@ def test_objects_that_are_not_plain_metadata_are_not_saved(tmp_path: Path) -> No
 
 def test_wrong_shape_state_gives_a_clear_error() -> None:
     # Prepare
-    spec = NetworkSpec(
-        features=[4, 8],
-        strides=[[1, 1, 1], [2, 2, 2]],
-        kernel_sizes=[[3, 3, 3]] * 2,
-        conv_per_stage=1,
-        deep_supervision=True,
-        num_classes=6,
-    )
+    spec = tiny_spec(6)
     six = build_network(spec, seed=0)
     two = build_network(NetworkSpec.from_dict({**spec.to_dict(), "num_classes": 2}), seed=0)
     # Execute / Assert

@@ -17,7 +17,7 @@ from fedpsmos.data.label_map import apply_label_map
 from fedpsmos.data.synthetic import write_site
 from fedpsmos.inference.predict import label_to_image, predict_site
 from fedpsmos.inference.sliding_window import predict_logits
-from fedpsmos.network import NetworkSpec, build_network
+from fedpsmos.network import build_network
 from fedpsmos.organs import CLASS_INDEX
 from fedpsmos.preprocessing import preprocess_case
 from fedpsmos.preprocessing.orientation import (
@@ -30,6 +30,7 @@ from fedpsmos.preprocessing.orientation import (
 )
 from fedpsmos.training.augmentation import AugmentationSettings, augment_batch
 from fedpsmos.training.checkpoint import save_checkpoint
+from tests.conftest import tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
@@ -150,14 +151,7 @@ def test_orientations_give_identical_arrays_and_exact_round_trip(tmp_path, direc
 
 
 def _random_model(path: Path) -> None:
-    spec = NetworkSpec(
-        features=(4, 8),
-        strides=((1, 1, 1), (2, 2, 2)),
-        kernel_sizes=((3, 3, 3), (3, 3, 3)),
-        conv_per_stage=1,
-        deep_supervision=False,
-        num_classes=6,
-    )
+    spec = tiny_spec(6, deep_supervision=False)
     net = build_network(spec, seed=0)
     with torch.no_grad():
         for layer in net.decoder.seg_layers:

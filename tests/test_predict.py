@@ -11,10 +11,11 @@ import SimpleITK as sitk
 import torch
 
 from fedpsmos.inference.predict import class_lookup, output_classes, predict_site
-from fedpsmos.network import NetworkSpec, build_network
+from fedpsmos.network import build_network
 from fedpsmos.preprocessing.orientation import orientation_record, reorient
 from fedpsmos.preprocessing.resample import resample_array
 from fedpsmos.training.checkpoint import save_checkpoint
+from tests.conftest import tiny_spec
 
 torch.set_num_threads(2)
 TARGET_SPACING = (3.0, 1.5, 1.5)
@@ -60,14 +61,7 @@ def _npz(tmp_path, case: str, original: sitk.Image) -> None:
 
 def _constant_model(path, organs: list[str], winner: int) -> None:
     """A real PlainConvUNet whose output layer always votes for channel ``winner``."""
-    spec = NetworkSpec(
-        features=(4, 8),
-        strides=((1, 1, 1), (2, 2, 2)),
-        kernel_sizes=((3, 3, 3), (3, 3, 3)),
-        conv_per_stage=1,
-        deep_supervision=True,
-        num_classes=len(organs) + 1,
-    )
+    spec = tiny_spec(len(organs) + 1)
     net = build_network(spec, seed=0)
     with torch.no_grad():
         for layer in net.decoder.seg_layers:

@@ -23,9 +23,10 @@ from snakemake.utils import update_config
 from fedpsmos.config import drop_unset, validate_config
 from fedpsmos.data.validation import SplitSettings, build_manifest
 from fedpsmos.inference.predict import predict_site
-from fedpsmos.network import NetworkSpec, build_network
+from fedpsmos.network import build_network
 from fedpsmos.preprocessing.case import preprocess_manifest_case
 from fedpsmos.training.checkpoint import save_checkpoint
+from tests.conftest import tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
@@ -206,14 +207,7 @@ DATASETS = {
 
 
 def _random_model(path: Path, organs: list[str], site: str) -> None:
-    spec = NetworkSpec(
-        features=(4, 8),
-        strides=((1, 1, 1), (2, 2, 2)),
-        kernel_sizes=((3, 3, 3), (3, 3, 3)),
-        conv_per_stage=1,
-        deep_supervision=True,
-        num_classes=len(organs) + 1,
-    )
+    spec = tiny_spec(len(organs) + 1)
     net = build_network(spec, seed=0)
     meta = {"network": spec.to_dict(), "organs": organs, "kind": "site_alone", "site": site}
     save_checkpoint(path, {"model": net.state_dict(), "meta": meta})

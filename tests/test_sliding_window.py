@@ -17,19 +17,13 @@ from fedpsmos.inference.sliding_window import (
     coverage_weights,
     predict_logits,
 )
-from fedpsmos.network import NetworkSpec, build_network
+from fedpsmos.network import build_network
+from tests.conftest import tiny_spec
 
 
 def tiny_unet() -> nn.Module:
     """A real two-stage PlainConvUNet (instance norm: per-sample statistics), in eval mode."""
-    spec = NetworkSpec(
-        features=(4, 8),
-        strides=((1, 1, 1), (2, 2, 2)),
-        kernel_sizes=((3, 3, 3), (3, 3, 3)),
-        conv_per_stage=1,
-        deep_supervision=False,
-        num_classes=3,
-    )
+    spec = tiny_spec(3, deep_supervision=False)
     return build_network(spec, seed=0).eval()
 
 

@@ -316,7 +316,15 @@ def test_scripts_generate_validate_and_preview_a_synthetic_site(tmp_path):
     _run_script(
         "validate_site.py",
         output={"manifest": str(manifest_path)},
-        params={**common, "source": "synthetic", "root": str(raw), "split": {"test_fraction": 0.34}},
+        params={
+            **common,
+            "source": "synthetic",
+            "root": str(raw),
+            "split": {"test_fraction": 0.34},
+            "background": None,
+            "ignore": None,
+            "files": None,
+        },
     )
     _run_script("plot_site_preview.py", input={"manifest": str(manifest_path)}, output={"png": str(png)})
 

@@ -114,38 +114,6 @@ def load_case(npz_path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     return case
 
 
-def predict_label(
-    net: nn.Module,
-    classes: Sequence[str],
-    case: dict[str, np.ndarray],
-    *,
-    patch_size: Sequence[int],
-    step: float,
-    mirror: bool,
-    device: torch.device,
-) -> np.ndarray:
-    """Global-class label map ``[Z, Y, X]`` (uint8) of one preprocessed case, on the preprocessed grid.
-
-    Parameters
-    ----------
-    net, classes:
-        The network and its channel names (:func:`load_model`).
-    case:
-        Arrays from :func:`load_case`.
-    patch_size, step, mirror, device:
-        Sliding-window settings (:func:`fedpsmos.inference.sliding_window.predict_logits`).
-    """
-    logits = predict_logits(
-        net, case["image"].astype(np.float32), patch_size=patch_size, step=step, mirror=mirror, device=device
-    )
-    if logits.shape[0] != len(classes):
-        raise ValueError(
-            f"network outputs {logits.shape[0]} channels but its checkpoint names {len(classes)}"
-        )
-    channel = logits.argmax(dim=0).to(torch.uint8).cpu().numpy()
-    return class_lookup(classes)[channel]
-
-
 def predict_probabilities(
     net: nn.Module,
     classes: Sequence[str],
@@ -245,6 +213,9 @@ def oriented_to_image(oriented: np.ndarray, case: dict[str, np.ndarray]) -> sitk
 
 def label_to_image(label_zyx: np.ndarray, case: dict[str, np.ndarray]) -> sitk.Image:
     """Resample a preprocessed-grid label to the original grid, in the file's voxel order and geometry.
+
+    Nearest neighbour on the label map: how a preprocessed reference label goes back to its file's grid
+    (the tests' round trip through the canonical orientation); predictions resample probabilities instead.
 
     Parameters
     ----------

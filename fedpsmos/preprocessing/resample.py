@@ -121,18 +121,7 @@ def resample_array(
     if array_zyx.ndim != 3:
         raise ValueError(f"expected a [Z, Y, X] array, got shape {array_zyx.shape}")
     new_shape = resampled_shape(array_zyx.shape, from_spacing_zyx, to_spacing_zyx)
-    scales = np.asarray(to_spacing_zyx, dtype=np.float64) / np.asarray(from_spacing_zyx, dtype=np.float64)
-    if order == 0:
-        index = [
-            _axis_weights(n, m, float(s), 0)[0][0]
-            for n, m, s in zip(array_zyx.shape, new_shape, scales, strict=True)
-        ]
-        return array_zyx[np.ix_(*index)]
-    out = np.asarray(array_zyx, dtype=np.float32)
-    # Shrinking axes first keeps the later passes small (in-plane CT axes usually shrink, z often grows).
-    for axis in sorted(range(3), key=lambda a: new_shape[a] / array_zyx.shape[a]):
-        out = _resample_axis(out, axis, new_shape[axis], float(scales[axis]), order)
-    return np.ascontiguousarray(out, dtype=np.float32)
+    return resample_to_shape(array_zyx, from_spacing_zyx, to_spacing_zyx, new_shape, order=order)
 
 
 def resample_to_shape(
@@ -175,6 +164,7 @@ def resample_to_shape(
         ]
         return array_zyx[np.ix_(*index)]
     out = np.asarray(array_zyx, dtype=np.float32)
+    # Shrinking axes first keeps the later passes small (in-plane CT axes usually shrink, z often grows).
     for axis in sorted(range(3), key=lambda a: shape[a] / array_zyx.shape[a]):
         out = _resample_axis(out, axis, shape[axis], float(scales[axis]), order)
     return np.ascontiguousarray(out, dtype=np.float32)
