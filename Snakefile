@@ -28,4 +28,4 @@ include: "workflow/rules/paper.smk"
 rule all:
     default_target: True
     input:
-        get_final_output(),
+        PLAN.final_output(),

@@ -1,10 +1,14 @@
-"""Outputs appear whole or not at all: write to a temporary file beside the target, then rename."""
+"""Outputs appear whole or not at all: write to a temporary file or folder beside the target, then rename.
+
+The one place the project writes its outputs from; inputs are read by :mod:`fedpsmos.io`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,3 +50,28 @@ def write_text(target: str | os.PathLike[str], text: str) -> None:
 def write_json(target: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented JSON to ``target`` atomically."""
     write_text(target, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target`` that replaces ``target`` only if the block succeeds.
+
+    On any exception the temporary folder is removed and ``target`` is left untouched; on success an
+    existing ``target`` is removed and the temporary folder renamed onto it.
+
+    Parameters
+    ----------
+    target:
+        The folder to produce.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

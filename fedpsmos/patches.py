@@ -20,7 +20,6 @@ patch would be mostly padding, which usually means a spacing given in (x, y, z) 
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from fedpsmos.atomic import atomic_path
+from fedpsmos.data.manifest import Manifest
 from fedpsmos.organs import CLASSES
 
 INDEX_COLUMNS = ("site", "case", "z", "y", "x", "organ", "fraction")
@@ -204,21 +204,6 @@ def index_case(
     )
 
 
-def _load_manifest(path: Path) -> dict:
-    """Read a site manifest, raising :class:`PatchIndexError` naming the file."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise PatchIndexError(f"{path}: cannot read manifest: {err}") from err
-    if (
-        not isinstance(manifest, dict)
-        or "site" not in manifest
-        or not isinstance(manifest.get("train"), list)
-    ):
-        raise PatchIndexError(f"{path}: manifest needs a 'site' and a 'train' list")
-    return manifest
-
-
 def index_site(
     manifest_path: str | os.PathLike[str],
     npz_paths: Sequence[str | os.PathLike[str]],
@@ -254,7 +239,9 @@ def index_site(
     Raises
     ------
     PatchIndexError
-        On a bad manifest or case file, a train case without a ``.npz``, or when no patch is kept.
+        On a bad case file, a train case without a ``.npz``, or when no patch is kept.
+    fedpsmos.data.manifest.ManifestError
+        On a missing or malformed manifest (one without ``site`` or ``train``).
     """
     manifest_path = Path(manifest_path)
     if len(patch_size) != 3 or any(int(s) < 1 for s in patch_size):
@@ -263,8 +250,8 @@ def index_site(
         raise PatchIndexError(f"{manifest_path}: min_fraction must be in (0, 1], got {min_fraction}")
     if int(candidates_per_case) < 1:
         raise PatchIndexError(f"{manifest_path}: candidates_per_case must be >= 1, got {candidates_per_case}")
-    manifest = _load_manifest(manifest_path)
-    site = str(manifest["site"])
+    manifest = Manifest.load(manifest_path)
+    site = manifest.site
     by_case: dict[str, Path] = {}
     for p in map(Path, npz_paths):
         if p.stem in by_case:
@@ -273,7 +260,7 @@ def index_site(
             )
         by_case[p.stem] = p
     frames = []
-    for case in manifest["train"]:
+    for case in manifest.train:
         if case not in by_case:
             raise PatchIndexError(
                 f"site {site}: no preprocessed .npz for train case {case} ({manifest_path})"

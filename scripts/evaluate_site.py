@@ -8,14 +8,12 @@ from fedpsmos.evaluation.evaluate import evaluate_site
 
 def main(snakemake) -> None:
     """Dice, HD95 and missed/spurious flags per test case and labelled organ."""
-    organs = snakemake.params.get("model_organs")
     evaluate_site(
         predictions_dir=snakemake.input.predictions,
         manifest_path=snakemake.input.manifest,
         model=str(snakemake.params.model),
         site=str(snakemake.params.site),
         out_csv=snakemake.output.metrics,
-        model_organs=list(organs) if organs else None,
         hd95_convention=str(snakemake.params.hd95),
     )
 

@@ -15,7 +15,7 @@ def main(snakemake) -> None:
         out_model=snakemake.output.model,
         out_curve_csv=snakemake.output.csv,
         out_curve_png=snakemake.output.png,
-        setting=snakemake.params.get("setting"),
+        setting=str(snakemake.params.setting),
         preprocessing=read_settings(snakemake.input.settings),
     )
 

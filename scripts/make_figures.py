@@ -4,7 +4,8 @@ import logging
 import sys
 from pathlib import Path
 
-from fedpsmos.paper.figures import make_figures, models_from_prediction_dirs
+from fedpsmos.paper.figures import make_figures
+from fedpsmos.paper.qualitative import models_from_prediction_dirs
 
 
 def main(snakemake) -> None:
@@ -15,7 +16,7 @@ def main(snakemake) -> None:
         curves=list(snakemake.input.get("curves", [])),
         federated_curves=list(snakemake.input.get("federated_curves", [])),
         manifests=list(snakemake.input.manifests),
-        qualitative_models=list(snakemake.params.get("qualitative_models", []))
+        qualitative_models=list(snakemake.params.qualitative_models)
         or models_from_prediction_dirs(list(snakemake.input.get("predictions", []))),
     )
     missing = {str(p) for p in snakemake.output} - {str(p) for p in written}

@@ -31,7 +31,6 @@ def main(snakemake) -> None:
         seed=int(params.seed),
         attempts=int(params.attempts),
         on_site_failure=str(params.on_site_failure),
-        device=params.get("device"),
         threads_per_worker=max(1, int(snakemake.threads) // max(1, len(params.sites))),
     )
     write_json(snakemake.output.block, {"rounds": params.rounds, "records": records})

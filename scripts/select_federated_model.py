@@ -3,7 +3,7 @@
 import logging
 import sys
 
-from fedpsmos.federated.site_round import write_selected_model
+from fedpsmos.federated.site_selection import write_selected_model
 from fedpsmos.preprocessing.fingerprint import read_settings
 
 

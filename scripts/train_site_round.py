@@ -34,7 +34,6 @@ def main(snakemake) -> None:
         on_site_failure=str(params.on_site_failure),
         out_site=snakemake.output.site_model,
         out_private=snakemake.output.private,
-        device=params.get("device"),
     )
 
 

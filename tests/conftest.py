@@ -83,31 +83,47 @@ def write_raw_case() -> RawCaseWriter:
     return write
 
 
-def tiny_spec(num_classes: int, *, deep_supervision: bool = True):
-    """The tests' tiny real network: a two-stage PlainConvUNet (4 and 8 features, one conv a stage)."""
+def tiny_network(**overrides: object) -> dict[str, object]:
+    """The tests' tiny real network as config.yaml's ``network`` section: a two-stage PlainConvUNet (4 and 8
+    features, one conv a stage, deep supervision); ``overrides`` replace keys (``architecture="pipo"``)."""
+    network: dict[str, object] = {
+        "features": [4, 8],
+        "strides": [[1, 1, 1], [2, 2, 2]],
+        "kernel_sizes": [[3, 3, 3], [3, 3, 3]],
+        "conv_per_stage": 1,
+        "deep_supervision": True,
+    }
+    return {**network, **overrides}
+
+
+def tiny_spec(num_classes: int, *, deep_supervision: bool = True, **overrides: object):
+    """The tests' tiny real network (:func:`tiny_network`) as a spec with ``num_classes`` outputs."""
     from fedpsmos.network import NetworkSpec
 
-    return NetworkSpec(
-        features=(4, 8),
-        strides=((1, 1, 1), (2, 2, 2)),
-        kernel_sizes=((3, 3, 3), (3, 3, 3)),
-        conv_per_stage=1,
-        deep_supervision=deep_supervision,
-        num_classes=num_classes,
-    )
+    return NetworkSpec.from_config(tiny_network(deep_supervision=deep_supervision, **overrides), num_classes)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
-    """Each test starts with one torch thread: results that are compared bit for bit (a block of rounds in
-    worker processes against the per-round computation in this process) depend on the thread count, and a
-    test that raises it must not change the next test's arithmetic."""
+    """One torch thread for the whole session, module-scoped fixtures included: results that are compared
+    bit for bit (a block of rounds in worker processes against the per-round computation in this process)
+    depend on the thread count, and on a shared 2-core machine a second thread made small training loops
+    ten times slower. Test modules never set the count themselves."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _reset_torch_threads():
+    """A test that changes the torch thread count must not change the next test's arithmetic."""
+    yield
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -131,3 +147,30 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("tiny_run") / "run"
     snakemake(work, "--cores", "2", "all")
     return work
+
+
+DryRun = Callable[..., list[dict[str, object]]]
+
+
+@pytest.fixture(scope="session")
+def tiny_plan(tmp_path_factory: pytest.TempPathFactory) -> DryRun:
+    """The jobs of ``snakemake -n --forceall all`` on the tiny config (config/ci.yaml) plus an optional
+    overlay given as a dict, as :func:`tests.workflow_helpers.dry_run_jobs` parses them; each distinct overlay
+    is planned once per test session (tests only read the plan)."""
+    from tests.workflow_helpers import dry_run_jobs, snakemake
+
+    plans: dict[str, list[dict[str, object]]] = {}
+
+    def plan(overlay: Mapping[str, object] | None = None) -> list[dict[str, object]]:
+        key = json.dumps(overlay or {}, sort_keys=True)
+        if key not in plans:
+            work = tmp_path_factory.mktemp("tiny_plan")
+            overlays: list[str | Path] = ["config/ci.yaml"]
+            if overlay:
+                (work / "overlay.json").write_text(key)
+                overlays.append(work / "overlay.json")
+            result = snakemake(work / "run", "-n", "--forceall", "all", overlays=overlays)
+            plans[key] = dry_run_jobs(result.stdout)
+        return plans[key]
+
+    return plan

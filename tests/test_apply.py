@@ -24,7 +24,6 @@ from fedpsmos.preprocessing.scan import image_to_network_grid
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import tiny_spec
 
-torch.set_num_threads(2)
 SETTINGS = {"spacing": [3.0, 2.0, 2.0], "image_order": 1, "clip": [-100.0, 200.0], "mean": 50.0, "std": 60.0}
 PATCH = [4, 8, 8]
 RAS = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedpsmos.config import ConfigError, load_config, validate_config
+from fedpsmos.config import ConfigError, drop_unset, load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,3 +101,26 @@ def test_site_background_ignore_and_dataset_json_names(default_config: dict) -> 
         config["sites"]["site9"] = site
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
             validate_config(config, source="config.yaml")
+
+
+@pytest.mark.parametrize(
+    ("site", "message"),
+    [
+        ({"labels": {"stomach": [3]}}, r"^config: sites\.site2\.labels: .*'stomach' was unexpected"),
+        ({"source": "dropbox"}, r"^config: sites\.site2\.source: 'dropbox' is not one of"),
+        ({"hospital": "St. Elsewhere"}, r"^config: sites\.site2: .*'hospital' was unexpected"),
+        ({"source": "msd"}, r"^config: sites\.site2: 'path' is a required property"),
+    ],
+    ids=["unknown organ", "unknown source", "unknown site key", "site without a path"],
+)
+def test_bad_site_overlay_is_named_as_the_workflow_loads_it(site: dict, message: str) -> None:
+    # Prepare: config.yaml, config/ci.yaml and an overlay on site2, merged and cleaned as common.smk does
+    from snakemake.utils import update_config
+
+    config = _merged("config/ci.yaml")
+    update_config(config, {"sites": {"site2": site}})
+    drop_unset(config)
+    # Execute / Assert: one line naming the key and the problem, prefixed as the workflow prints it
+    with pytest.raises(ConfigError, match=message) as info:
+        validate_config(config, source="config")
+    assert "\n" not in str(info.value)

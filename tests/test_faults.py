@@ -1,53 +1,63 @@
-"""Faults met by the running workflow: kill -9 of jobs and of Snakemake itself, corrupt or malicious site
-checkpoints before aggregation, and a site that fails every attempt under each fault policy.
+"""Faults met by the running workflow: kill -9 of jobs and of Snakemake itself, a malicious site checkpoint
+before aggregation, and a site that fails every attempt under each fault policy. One test per fault family.
 
-Every test runs the real Snakefile (``tests/workflow_helpers.py``) on ``config/ci.yaml`` plus
-``config/faults.yaml``. The data, preprocessing, patch indices and M0 are built once per module and copied
-into each test's own working directory (copies keep modification times and ``.snakemake`` metadata, so
-Snakemake sees them as done). docs/reliability.md lists each fault, what happens, and which test proves it.
+Every test runs the real Snakefile (``tests/workflow_helpers.py``) in its own working directory, copied from
+the session's finished run of ``config/ci.yaml`` (the ``tiny_run`` fixture; copies keep modification times
+and ``.snakemake`` metadata, so Snakemake sees them as done) and changed only where the fault is injected.
+The kill test adds ``config/faults.yaml`` (jobs long enough for a kill to land inside them) and keeps two of
+the five sites. The catalogues of corrupt checkpoints and of site failures are unit tests of the functions
+the rules call (``tests/test_rounds.py``, ``tests/test_checkpoint.py``). docs/reliability.md lists each
+fault, what happens, and which test proves it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
+from fedpsmos.training.checkpoint import load_checkpoint
+from tests.test_checkpoint import RunsCode
 from tests.workflow_helpers import processes_running, snakemake, snakemake_command
 
 pytestmark = pytest.mark.workflow
 
 SITES = ["site1", "site2", "site3", "site4", "site5"]
-FAULTS = ["config/ci.yaml", "config/faults.yaml"]
+KILL_SITES = ["site1", "site2"]  # the kill test's federation: every kill lands in a two-site chain
 FED = "results/federated/V1"
 TARGETS = ("results/models/federated/V1/model.pt", "results/models/adapted/full/site2/model.pt")
 COMPARED = (
     f"{FED}/round_1/global.pt",
     f"{FED}/round_2/global.pt",
-    *(f"{FED}/round_{r}/{site}.pt" for r in (1, 2) for site in SITES),
+    *(f"{FED}/round_{r}/{site}.pt" for r in (1, 2) for site in KILL_SITES),
     *TARGETS,
 )
 WAIT = 600.0  # seconds: the longest any stage may take on a loaded 2-core machine before the test gives up
+INPUTS = ("raw", "data", "preprocessed", "patches")  # what the kill test keeps of the tiny run
 
 
 @pytest.fixture(scope="module")
-def prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A working directory holding every site's data, preprocessed cases, patch index and M0."""
-    work = tmp_path_factory.mktemp("faults") / "prefix"
-    parquets = [f"results/patches/{site}.parquet" for site in SITES]
-    snakemake(work, "--cores", "2", "results/models/pretrain/model.pt", *parquets, overlays=FAULTS)
-    return work
+def kill_prefix(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str | Path]]:
+    """The kill test's working directory: the tiny run's data, preprocessed cases and patch indices (nothing
+    trained), then M0 trained with ``config/faults.yaml``; and its overlays (the two sites kept)."""
+    base = tmp_path_factory.mktemp("faults")
+    work = _copy(tiny_run, base / "prefix")
+    for path in [*(work / "results").iterdir(), work / "logs"]:
+        if path.name not in INPUTS:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    dropped = {"sites": {site: None for site in SITES if site not in KILL_SITES}}  # null deletes a key
+    overlays = ["config/ci.yaml", "config/faults.yaml", _overlay(base / "two_sites.yaml", dropped)]
+    snakemake(work, "--cores", "2", "results/models/pretrain/model.pt", overlays=overlays)
+    return work, overlays
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -90,7 +100,7 @@ class Injector:
     failing test leaves nothing behind.
     """
 
-    def __init__(self, work: Path, overlays: list[str], logs: Path) -> None:
+    def __init__(self, work: Path, overlays: list[str | Path], logs: Path) -> None:
         self.work, self.overlays, self.logs = work, overlays, logs
         self.run: subprocess.Popen[bytes] | None = None
         self.count = 0
@@ -162,16 +172,17 @@ class Injector:
 
 
 def test_kill9_of_jobs_and_snakemake_resumes_to_the_uninterrupted_models(
-    prefix: Path, tmp_path: Path
+    kill_prefix: tuple[Path, list[str | Path]], tmp_path: Path
 ) -> None:
     # Prepare: one uninterrupted run of the federated chain and one adaptation (CPU, same seed), with one job
     # at a time like the interrupted run, so its job times tell when a kill lands inside a job
+    prefix, overlays = kill_prefix
     clean = _copy(prefix, tmp_path / "clean")
-    snakemake(clean, "--cores", "1", *TARGETS, overlays=FAULTS)
+    snakemake(clean, "--cores", "1", *TARGETS, overlays=overlays)
     site_round = _bench_seconds(clean, "results/benchmarks/train_site_round/V1/round_*/*.tsv")
     aggregation = _bench_seconds(clean, "results/benchmarks/aggregate_round/V1/round_*.tsv")
     work = _copy(prefix, tmp_path / "killed")
-    inject = Injector(work, FAULTS, tmp_path / "snakemake-logs")
+    inject = Injector(work, overlays, tmp_path / "snakemake-logs")
     adapted = work / "results/models/adapted/full/site2"
     try:
         # Execute (a): kill -9 a local training job 60 % into the shortest such job's run time (past the
@@ -197,7 +208,7 @@ def test_kill9_of_jobs_and_snakemake_resumes_to_the_uninterrupted_models(
         assert inject.wait_exit() == -signal.SIGKILL
         inject.wait_jobs_gone()
         assert (work / ".snakemake" / "locks").exists() and any((work / ".snakemake" / "locks").iterdir())
-        snakemake(work, "--unlock", *TARGETS, overlays=FAULTS)  # what a user does after a crash
+        snakemake(work, "--unlock", *TARGETS, overlays=overlays)  # what a user does after a crash
 
         # Execute (c): kill -9 the adaptation mid-epoch, once its first epoch's resume.pt exists
         inject.start("--rerun-incomplete")
@@ -227,144 +238,69 @@ def test_kill9_of_jobs_and_snakemake_resumes_to_the_uninterrupted_models(
     assert processes_running("", work) == []
 
 
-# ------------------------------------------------------------------------------ 2. corrupt site checkpoints
+# ---------------------------------------------------------------------------- 2. a malicious site checkpoint
 
 
-class Evil:
-    """Unpickling this creates ``marker``: a checkpoint that would run code on whoever loads it."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def _truncate(path: Path, marker: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def _wrong_shape(path: Path, marker: Path) -> None:
-    payload = load_checkpoint(path)
-    key = next(k for k, v in payload["model"].items() if v.ndim == 5)  # a conv weight [out, in, z, y, x]
-    shape = list(payload["model"][key].shape)
-    payload["model"][key] = torch.zeros([shape[0] + 1, *shape[1:]])
-    del payload["integrity"]
-    save_checkpoint(path, payload)  # a well-formed file with a valid integrity record: only the shape is bad
-
-
-def _nan(path: Path, marker: Path) -> None:
-    payload = load_checkpoint(path)
-    key = next(k for k, v in payload["model"].items() if v.is_floating_point())
-    payload["model"][key].view(-1)[0] = math.nan
-    del payload["integrity"]
-    save_checkpoint(path, payload)
-
-
-def _malicious(path: Path, marker: Path) -> None:
-    payload = load_checkpoint(path)
-    payload["meta"]["note"] = Evil(marker)
-    torch.save(payload, path)
-
-
-CORRUPTIONS = [
-    ("truncated", _truncate, "truncated or corrupt checkpoint"),
-    ("wrong shape", _wrong_shape, "shape"),
-    ("nan", _nan, "non-finite"),
-    ("malicious pickle", _malicious, "not a weights-only checkpoint"),
-]
-
-
-@pytest.fixture(scope="module")
-def round_1_sites(prefix: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A working directory where round 1's site jobs ran (1 local iteration each) and nothing else; its
-    overlay."""
-    base = tmp_path_factory.mktemp("round1")
-    overlay = _overlay(base / "short.yaml", {"federated": {"settings": {"V1": {"local_iterations": 1}}}})
-    work = _copy(prefix, base / "run")
-    sites = [f"{FED}/round_1/{site}.pt" for site in SITES]
-    snakemake(work, "--cores", "2", *sites, overlays=[*FAULTS, overlay])
-    return work, overlay
-
-
-@pytest.mark.parametrize(("name", "corrupt", "problem"), CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
-def test_corrupt_site_checkpoint_stops_aggregation_with_one_line(
-    round_1_sites: tuple[Path, Path], tmp_path: Path, name: str, corrupt, problem: str
-) -> None:
-    # Prepare: site2's round-1 file replaced after its job ran, before aggregation
-    source, overlay = round_1_sites
-    work = _copy(source, tmp_path / "run")
+def test_malicious_site_checkpoint_stops_aggregation_with_one_line(tiny_run: Path, tmp_path: Path) -> None:
+    # Prepare: site2's round-1 file of the tiny run replaced, after its job ran, by one that runs code when
+    # unpickled (tests/test_checkpoint.py shows that it does); the aggregation is now older than its input
+    work = _copy(tiny_run, tmp_path / "run")
     marker = tmp_path / "pwned"
     site_file = work / FED / "round_1" / "site2.pt"
-    corrupt(site_file, marker)
+    payload = load_checkpoint(site_file)
+    payload["meta"]["note"] = RunsCode(marker)
+    torch.save(payload, site_file)
     # Execute
-    result = snakemake(
-        work, "--cores", "1", f"{FED}/round_1/global.pt", overlays=[*FAULTS, overlay], check=False
-    )
-    # Assert: the aggregation fails, its log's last line names round, site, file and problem
+    result = snakemake(work, "--cores", "1", f"{FED}/round_1/global.pt", check=False)
+    # Assert: the aggregation reran and failed; its log's last line names round, site, file and problem; the
+    # round has no global model nor record, and no code ran
     assert result.returncode != 0
     assert "Error in rule aggregate_round" in result.stdout + result.stderr
     line = _last_line(work / "logs/aggregate_round/V1/round_1.log")
     assert line.startswith("fedpsmos.federated.rounds.RoundError: round 1, site site2"), line
-    assert problem in line, line
-    if name == "wrong shape":  # the shape check names the tensor; site and round name the file
-        assert "expected (" in line, line
-    else:
-        assert f"{FED}/round_1/site2.pt" in line, line
+    assert "not a weights-only checkpoint" in line and f"{FED}/round_1/site2.pt" in line, line
     assert not (work / FED / "round_1" / "global.pt").exists()
     assert not (work / FED / "round_1" / "record.json").exists()
     assert not marker.exists(), "the malicious pickle ran code"
 
 
-def test_malicious_pickle_runs_code_when_loaded_unsafely(tmp_path: Path) -> None:
-    # Guards the test above: the Evil payload really does create its marker when unpickled without
-    # weights_only, so its absence there means the loader refused it.
-    marker = tmp_path / "pwned"
-    torch.save({"meta": {"note": Evil(marker)}}, tmp_path / "evil.pt")
-    torch.load(tmp_path / "evil.pt", weights_only=False)
-    assert marker.exists()
-
-
-# ------------------------------------------------------------------------------ 4. a site that always fails
-
-
-@pytest.fixture
-def failing_site3(prefix: Path, tmp_path: Path) -> Iterator[Path]:
-    """A working directory whose site3 patch index was overwritten with garbage after it was built: every
-    local training attempt of site3 fails when it reads the index."""
-    work = _copy(prefix, tmp_path / "run")
-    (work / "results/patches/site3.parquet").write_bytes(b"not a parquet file\n" * 10)
-    yield work
-    for pid in processes_running("", work):
-        os.kill(pid, signal.SIGKILL)
+# ------------------------------------------------------------------------------ 3. a site that always fails
 
 
 def _policy_overlay(tmp_path: Path, policy: str) -> Path:
-    settings = {"federated": {"settings": {"V1": {"local_iterations": 1}}, "on_site_failure": policy}}
-    return _overlay(tmp_path / f"{policy}.yaml", settings)
+    return _overlay(tmp_path / f"{policy}.yaml", {"federated": {"on_site_failure": policy}})
 
 
-def test_site_failing_every_attempt_fails_the_round_under_fail(failing_site3: Path, tmp_path: Path) -> None:
-    work = failing_site3
-    # Execute
-    result = snakemake(
-        work, "--cores", "2", TARGETS[0], overlays=[*FAULTS, _policy_overlay(tmp_path, "fail")], check=False
-    )
-    # Assert: the workflow fails at site3's round-1 job after all its attempts; round 1 has no global model
-    assert result.returncode != 0
-    assert "Error in rule train_site_round" in result.stdout + result.stderr
-    line = _last_line(work / "logs/train_site_round/V1/round_1/site3.log")
-    assert "RoundError: site site3 round 1: all 2 attempt(s) failed" in line, line
-    assert not (work / FED / "round_1" / "site3.pt").exists()
-    assert not (work / FED / "round_1" / "global.pt").exists()
-    assert not (work / TARGETS[0]).exists()
+def test_site_failing_every_attempt_fails_the_round_then_is_dropped_under_skip(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    # Prepare: the tiny run with site3's patch index overwritten with garbage after it was built: every local
+    # training attempt of site3 fails when it reads the index
+    work = _copy(tiny_run, tmp_path / "run")
+    (work / "results/patches/site3.parquet").write_bytes(b"not a parquet file\n" * 10)
+    downstream = [work / FED / f"round_{r}" / "global.pt" for r in (1, 2)] + [work / TARGETS[0]]
+    stamps = [path.stat().st_mtime_ns for path in downstream]
+    try:
+        # Execute (a): the default policy, fail
+        fail = ["config/ci.yaml", _policy_overlay(tmp_path, "fail")]
+        result = snakemake(work, "--cores", "2", TARGETS[0], overlays=fail, check=False)
+        # Assert: the workflow fails at site3's round-1 job after all its attempts; site3 has no round-1 file
+        # and nothing after it ran (the round-1 aggregation, round 2 and the final model are the tiny run's)
+        assert result.returncode != 0
+        assert "Error in rule train_site_round" in result.stdout + result.stderr
+        line = _last_line(work / "logs/train_site_round/V1/round_1/site3.log")
+        assert "RoundError: site site3 round 1: all 2 attempt(s) failed" in line, line
+        assert not (work / FED / "round_1" / "site3.pt").exists()
+        assert [path.stat().st_mtime_ns for path in downstream] == stamps
+        assert "Error in rule aggregate_round" not in result.stdout + result.stderr
 
-
-def test_site_failing_every_attempt_is_dropped_under_skip(failing_site3: Path, tmp_path: Path) -> None:
-    work = failing_site3
-    # Execute
-    snakemake(work, "--cores", "2", TARGETS[0], overlays=[*FAULTS, _policy_overlay(tmp_path, "skip")])
+        # Execute (b): what the user does next: the skip policy, and the same command
+        snakemake(
+            work, "--cores", "2", TARGETS[0], overlays=["config/ci.yaml", _policy_overlay(tmp_path, "skip")]
+        )
+    finally:
+        for pid in processes_running("", work):
+            os.kill(pid, signal.SIGKILL)
     # Assert: each round aggregates the four other sites with renormalised n_k weights and records site3
     for r in (1, 2):
         record = json.loads((work / FED / f"round_{r}" / "record.json").read_text())

@@ -7,8 +7,6 @@ import torch
 
 from fedpsmos.federated.fedavg import AggregationError, aggregate, check_states, fedavg_weights
 
-torch.set_num_threads(1)
-
 
 def test_weighted_mean_uses_case_counts() -> None:
     # Prepare: two sites, 1 and 3 training cases -> weights 1/4 and 3/4

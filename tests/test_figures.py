@@ -17,7 +17,10 @@ import pytest
 import SimpleITK as sitk
 
 from fedpsmos.federated.curves import curve_frame, write_curves
-from fedpsmos.paper import figures
+from fedpsmos.organs import ORGANS
+from fedpsmos.paper import figures, qualitative, training_curves
+from fedpsmos.paper.models import model_name
+from fedpsmos.paper.plotting import site_colours
 from fedpsmos.training.curves import write_curve_csv
 
 SITES = {  # site -> (label map, organs), as config.yaml's synthetic sites
@@ -43,6 +46,56 @@ def _legend_texts(legend: Any) -> list[str]:
     return [t.get_text() for t in legend.get_texts()]
 
 
+def _has_colour(png: Path, colour: Any, tol: float = 2 / 255) -> bool:
+    """Whether some pixel of the PNG has this RGB colour (a line's or marker's own colour, not a blend)."""
+    pixels = plt.imread(png)[..., :3]
+    return bool((np.abs(pixels - np.asarray(colour[:3])) <= tol).all(axis=-1).any())
+
+
+# ---------------------------------------------------------------- Dice per organ
+
+
+def test_dice_figure_one_panel_per_organ_one_box_per_model():
+    # Prepare: the federated model on every organ of site1 (three cases), M0 on two liver cases only
+    rows = [("federated/V2", "site1", f"c{i}", o, 0.5 + 0.2 * i, 2.0) for i in range(3) for o in ORGANS]
+    rows += [("pretrain", "site2", f"d{i}", "liver", dice, 3.0) for i, dice in enumerate((0.2, 0.4))]
+    metrics = pd.DataFrame(rows, columns=["model", "site", "case", "organ", "dice", "hd95"])
+    # Execute
+    fig = figures.dice_figure(metrics)
+    # Assert: a panel per organ, boxes in the paper's order (M0 before FL), Dice on a shared 0-1 axis
+    assert [ax.get_title() for ax in fig.axes] == [
+        "liver",
+        "spleen",
+        "pancreas",
+        "kidney left",
+        "kidney right",
+    ]
+    for ax in fig.axes:
+        ticks = [label.get_text() for label in ax.get_xticklabels()]
+        assert ticks == [model_name("pretrain"), model_name("federated/V2")]
+        assert ax.get_ylim() == (0, 1.02)
+    assert fig.axes[0].get_ylabel() == "Dice (per test case)"
+    # each box draws its model's cases: the mean marker at the mean, whiskers reaching the extremes
+    liver, spleen = fig.axes[0], fig.axes[1]
+    means = [
+        (line.get_xdata()[0], line.get_ydata()[0]) for line in liver.get_lines() if line.get_marker() == "^"
+    ]
+    assert means == [(1, pytest.approx(0.3)), (2, pytest.approx(0.7))]
+    for position, (low, high) in ((1, (0.2, 0.4)), (2, (0.5, 0.9))):
+        drawn = [
+            y for line in liver.get_lines() if set(line.get_xdata()) == {position} for y in line.get_ydata()
+        ]
+        assert min(drawn) == pytest.approx(low) and max(drawn) == pytest.approx(high)
+    spleen_means = [line.get_ydata()[0] for line in spleen.get_lines() if line.get_marker() == "^"]
+    assert np.isnan(spleen_means[0]) and spleen_means[1] == pytest.approx(0.7)  # M0 has no spleen case
+
+
+def test_dice_figure_without_metrics_says_so():
+    fig = figures.dice_figure(figures.read_metrics([]))
+    assert len(fig.axes) == len(ORGANS)
+    assert all(ax.texts[0].get_text() == "no metrics yet" and not ax.get_lines() for ax in fig.axes)
+
+
 # ---------------------------------------------------------------- federated curves
 
 
@@ -58,7 +111,8 @@ def _records(n_rounds: int, sites: list[str], *, dice: bool = True) -> list[dict
         }
         if dice:
             record["val_dice"] = {
-                s: {organ: 0.1 * r for organ in SITES[s] if organ != "kidney_right"} for s in sites
+                s: {o: 0.1 * r + 0.02 * k for k, o in enumerate(SITES[s]) if o != "kidney_right"}
+                for s in sites
             }
         records.append(record)
     return records
@@ -90,7 +144,7 @@ def test_federated_curves_one_panel_per_setting_one_line_per_site(tmp_path):
     # Assert: one row per (setting, round, site), organs averaged
     assert len(rounds) == (4 + 2 + 1) * len(sites)
     v1 = rounds[(rounds["setting"] == "V1") & (rounds["site"] == "site1") & (rounds["round"] == 2)]
-    assert v1["loss"].item() == pytest.approx(0.5) and v1["val_dice"].item() == pytest.approx(0.2)
+    assert v1["loss"].item() == pytest.approx(0.5) and v1["val_dice"].item() == pytest.approx(0.23)
     # two rows (loss, validation Dice) by three settings, nothing for bookkeeping columns
     axes = np.array(fig.axes).reshape(2, 3)
     assert [ax.get_title() for ax in axes[0]] == ["V1", "V2", "V3"]
@@ -101,6 +155,16 @@ def test_federated_curves_one_panel_per_setting_one_line_per_site(tmp_path):
         assert _line_labels(ax) == sites
         assert len({tuple(line.get_color()) for line in ax.get_lines()}) == len(sites)
     assert len(axes[0, 0].get_lines()[0].get_xdata()) == 4  # V1: four rounds, not a saw-tooth over sites
+    # what is drawn: each site's local loss and its mean validation Dice over organs, per round, as recorded
+    for i, site in enumerate(sites):
+        loss, dice = axes[0, 0].get_lines()[i], axes[1, 0].get_lines()[i]
+        assert list(loss.get_xdata()) == [1, 2, 3, 4] and list(dice.get_xdata()) == [1, 2, 3, 4]
+        assert np.allclose(loss.get_ydata(), [1.0 / (r + i) for r in (1, 2, 3, 4)])
+        organs = 0.03 if site == "site1" else 0.0  # mean of 0, 0.02, 0.04, 0.06 over site1's four organs
+        assert np.allclose(dice.get_ydata(), [0.1 * r + organs for r in (1, 2, 3, 4)])
+        assert loss.get_color() == dice.get_color() == site_colours(sites)[site]
+    assert np.allclose(axes[0, 2].get_lines()[3].get_ydata(), [1.0 / (1 + 3)])  # V3, site5: one round
+    assert axes[1, 0].get_ylim() == (0, 1.02)
     labels = [ax.get_ylabel() for ax in fig.axes]
     assert not any(word in " ".join(labels) for word in ("failed", "weight"))
     # shared y axis within a row; one site legend, outside the panels
@@ -114,6 +178,10 @@ def test_federated_curves_without_validation_dice_have_one_row(tmp_path):
     fig = figures.federated_curves_figure(figures.read_federated_curves(csvs))
     assert len(fig.axes) == 1
     assert fig.axes[0].get_title() == "V2" and _line_labels(fig.axes[0]) == ["site2", "site4"]
+    assert np.allclose(fig.axes[0].get_lines()[1].get_ydata(), [1.0 / (r + 1) for r in (1, 2, 3)])
+    # the federation's own rounds.png is drawn by the same plotter: both sites' colours are in it
+    png = csvs[0].with_name("rounds.png")
+    assert all(_has_colour(png, colour) for colour in site_colours(["site2", "site4"]).values())
 
 
 def test_federated_curves_draw_a_row_per_validation_score():
@@ -125,6 +193,7 @@ def test_federated_curves_draw_a_row_per_validation_score():
         "val. Dice after local",
     ]
     assert all(_line_labels(ax) == ["site1", "site3"] for ax in fig.axes)
+    assert all(list(line.get_ydata()) == [0.5, 0.5] for line in fig.axes[2].get_lines())
 
 
 def test_federated_curves_reject_a_table_without_sites(tmp_path):
@@ -161,8 +230,10 @@ def test_training_curves_one_panel_per_family(tmp_path):
     # Prepare
     paths = _training_curves(tmp_path)
     # Execute
-    curves = figures.read_training_curves([*paths, tmp_path / "models" / "central" / "x" / "curve.csv"])
-    fig = figures.training_curves_figure(curves)
+    curves = training_curves.read_training_curves(
+        [*paths, tmp_path / "models" / "central" / "x" / "curve.csv"]
+    )
+    fig = training_curves.training_curves_figure(curves)
     # Assert
     assert [ax.get_title() for ax in fig.axes] == [
         "M0 (pretraining)",
@@ -175,6 +246,10 @@ def test_training_curves_one_panel_per_family(tmp_path):
     assert _line_labels(central) == ["Dice+CE", "Dice+CE+Lovasz"]
     assert _line_labels(alone) == ["site1", "site2", "site3"]
     assert _line_labels(adapted) == ["site1, decoder", "site1, full", "site2, decoder", "site2, full"]
+    # what is drawn: each model's loss per epoch from its curve.csv (central/dice_ce is the second file)
+    (m0,) = pretrain.get_lines()
+    assert list(m0.get_xdata()) == [1, 2, 3] and np.allclose(m0.get_ydata(), [1.0, 0.5, 1 / 3])
+    assert np.allclose(central.get_lines()[0].get_ydata(), [1 / 2, 1 / 3, 1 / 4])
     for ax in fig.axes:
         assert ax.get_xlabel() == "epoch" and ax.get_yscale() == "log"
         styles = {(tuple(line.get_color()), line.get_linestyle()) for line in ax.get_lines()}
@@ -194,21 +269,25 @@ def test_training_curves_one_panel_per_family(tmp_path):
 
 
 def test_curve_keys_and_prediction_dirs():
-    assert figures.curve_key("results/models/site_alone/site3/curve.csv") == {
+    assert training_curves.curve_key("results/models/site_alone/site3/curve.csv") == {
         "family": "site_alone",
         "label": "site3",
         "site": "site3",
         "mode": "",
     }
-    assert figures.curve_key("results/models/adapted/decoder/site2/curve.csv")["label"] == "site2, decoder"
-    assert figures.curve_key("results/models/central/dice_ce/curve.csv")["label"] == "Dice+CE"
-    assert figures.curve_key("results/models/pretrain/curve.csv")["family"] == "pretrain"
+    assert (
+        training_curves.curve_key("results/models/adapted/decoder/site2/curve.csv")["label"]
+        == "site2, decoder"
+    )
+    assert training_curves.curve_key("results/models/central/dice_ce/curve.csv")["label"] == "Dice+CE"
+    assert training_curves.curve_key("results/models/pretrain/curve.csv")["family"] == "pretrain"
     dirs = [
-        "results/adapted/full/site1/predictions",
-        "results/pretrain/site2/predictions",
-        "results/federated/V2/site1/predictions",
+        "results/evaluation/adapted/full/site1/predictions",
+        "results/evaluation/pretrain/site2/predictions",
+        "/data/evaluation/run/results/evaluation/federated/V2/site1/predictions",
+        "results/site_alone/site1/predictions",  # the layout before results/evaluation/: not read
     ]
-    assert figures.models_from_prediction_dirs(dirs) == ["pretrain", "federated/V2", "adapted/full"]
+    assert qualitative.models_from_prediction_dirs(dirs) == ["pretrain", "federated/V2", "adapted/full"]
 
 
 # ---------------------------------------------------------------- qualitative results
@@ -249,7 +328,7 @@ def _site_data(root: Path, sites: dict[str, dict[str, list[int]]], models: list[
 
 def test_qualitative_rows_pick_the_partially_labelled_site_per_organ(tmp_path):
     manifests = _site_data(tmp_path, SITES, [])
-    rows = figures.qualitative_rows(manifests)
+    rows = qualitative.qualitative_rows(manifests)
     assert [(r["family"], r["site"]) for r in rows] == [
         ("liver", "site2"),
         ("spleen", "site3"),
@@ -257,7 +336,7 @@ def test_qualitative_rows_pick_the_partially_labelled_site_per_organ(tmp_path):
         ("kidneys", "site5"),
     ]
     # without a pancreas-only site the fully labelled site shows the pancreas
-    rows = figures.qualitative_rows([m for m in manifests if m.parent.name != "site4"])
+    rows = qualitative.qualitative_rows([m for m in manifests if m.parent.name != "site4"])
     assert [(r["family"], r["site"]) for r in rows][2] == ("pancreas", "site1")
 
 
@@ -266,7 +345,7 @@ def test_qualitative_columns_keep_one_model_per_kind_and_the_best_adaptation():
         {"model": ["adapted/full", "adapted/decoder", "adapted/decoder"], "dice": [0.5, 0.9, 0.7]}
     )
     models = ["central/dice_ce", "adapted/full", "adapted/decoder", "federated/V2", "site_alone", "pretrain"]
-    columns = figures.qualitative_columns(models, metrics)
+    columns = qualitative.qualitative_columns(models, metrics)
     assert columns == {
         "pretrain": "M0",
         "site_alone": "site alone",
@@ -274,11 +353,11 @@ def test_qualitative_columns_keep_one_model_per_kind_and_the_best_adaptation():
         "adapted/decoder": "FL + adapt.\n(best: decoder)",
         "central/dice_ce": "central",
     }
-    assert figures.qualitative_columns(["adapted/full"], metrics.iloc[:0]) == {
+    assert qualitative.qualitative_columns(["adapted/full"], metrics.iloc[:0]) == {
         "adapted/full": "FL + adapt. (all)"
     }
     # no metrics for any mode yet: the first mode given, not called "best"
-    unscored = figures.qualitative_columns(["adapted/encoder", "adapted/full"], metrics.iloc[:0])
+    unscored = qualitative.qualitative_columns(["adapted/encoder", "adapted/full"], metrics.iloc[:0])
     assert unscored == {"adapted/encoder": "FL + adapt. (encoder)"}
 
 
@@ -287,8 +366,8 @@ def test_qualitative_figure_one_row_per_organ_family(tmp_path):
     manifests = _site_data(tmp_path, SITES, ["pretrain", "federated/V2"])
     columns = {"pretrain": "M0", "federated/V2": "FL V2", "central/dice_ce": "central"}
     # Execute
-    fig = figures.qualitative_figure(
-        figures.qualitative_rows(manifests),
+    fig = qualitative.qualitative_figure(
+        qualitative.qualitative_rows(manifests),
         columns,
         prediction_pattern=str(tmp_path) + "/{model}/{site}/predictions/{case}.nii.gz",
     )
@@ -346,3 +425,12 @@ def test_make_figures_writes_every_figure(tmp_path):
     assert sorted(p.name for p in (tmp_path / "paper").iterdir()) == sorted(names)
     assert all(p.read_bytes()[:4] in (b"\x89PNG", b"%PDF") for p in paths)
     assert plt.get_fignums() == []  # every figure closed once written
+    # the PNGs hold what was drawn: each site's curve colour in the federated curves, each model family's
+    # first colour in the training curves, an image (not a blank canvas) in the others
+    paper = tmp_path / "paper"
+    assert all(
+        _has_colour(paper / "fig_federated_curves.png", c) for c in site_colours(["site1", "site2"]).values()
+    )
+    assert _has_colour(paper / "fig_training_curves.png", plt.get_cmap("tab10")(0))
+    for name in ("fig_dice_per_organ.png", "fig_qualitative.png"):
+        assert plt.imread(paper / name)[..., :3].std() > 0.05

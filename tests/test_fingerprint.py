@@ -27,7 +27,8 @@ from fedpsmos.preprocessing.fingerprint import (
     site_fingerprint,
     write_settings,
 )
-from tests.workflow_helpers import REPO, dry_run_jobs, snakemake
+from tests.conftest import DryRun
+from tests.workflow_helpers import REPO
 
 LABELS = {"liver": [1], "kidney": [2]}
 FIXED = {"spacing": [2.5, 1.5, 1.5], "image_order": 3, "clip": [-80.0, 305.0], "mean": 90.9, "std": 65.5}
@@ -207,14 +208,9 @@ def test_config_accepts_auto_and_names_a_bad_value() -> None:
 
 
 @pytest.mark.parametrize("auto", [False, True])
-def test_dry_run_plans_fingerprint_rules_only_when_something_is_auto(tmp_path: Path, auto: bool) -> None:
-    # Prepare
-    overlays: list[str | Path] = ["config/ci.yaml"]
-    if auto:
-        (tmp_path / "auto.yaml").write_text(json.dumps(AUTO))
-        overlays.append(tmp_path / "auto.yaml")
-    # Execute
-    jobs = dry_run_jobs(snakemake(tmp_path / "run", "-n", "--forceall", "all", overlays=overlays).stdout)
+def test_dry_run_plans_fingerprint_rules_only_when_something_is_auto(tiny_plan: DryRun, auto: bool) -> None:
+    # Execute: the tiny config's DAG, with every preprocessing setting `auto` or none
+    jobs = tiny_plan(AUTO if auto else None)
     # Assert
     rules = [j["rule"] for j in jobs]
     settings = [j for j in jobs if j["rule"] == "preprocessing_settings"]

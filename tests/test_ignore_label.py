@@ -23,8 +23,6 @@ from fedpsmos.training.sampler import PatchSampler, SamplerError
 from fedpsmos.training.selection import ValidationCase, case_dice
 from tests.test_sampler import PATCH, write_site
 
-torch.set_num_threads(1)
-
 K = 6
 SIDES_TERMS = [(side, term) for side in ("marginal", "exclusion") for term in TERM_NAMES]
 TOPK_PERCENT = 25.0

@@ -21,8 +21,8 @@ from fedpsmos.losses import (
 from fedpsmos.losses import conventional as conv
 from fedpsmos.losses.lovasz import lovasz_extension
 from fedpsmos.losses.marginal import marginal_prepare
-
-torch.set_num_threads(2)
+from fedpsmos.network import build_network
+from tests.conftest import tiny_spec
 
 K = 6  # background + five organs
 PAPER = {
@@ -385,14 +385,14 @@ def test_downsample_target_matches_batchgeneratorsv2() -> None:
 
 
 def test_deep_supervision_loss_is_weighted_sum_over_plain_conv_unet_outputs() -> None:
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    # Prepare: a tiny 4-stage PlainConvUNet with deep supervision returns 3 outputs, highest resolution first
+    # Prepare: the tiny network with four stages: deep supervision returns 3 outputs, highest resolution first
     torch.manual_seed(16)
-    net = PlainConvUNet(
-        1, 4, (4, 8, 8, 8), torch.nn.Conv3d, 3, (1, 2, 2, 2), (1, 1, 1, 1), K, (1, 1, 1), conv_bias=True,
-        norm_op=torch.nn.InstanceNorm3d, nonlin=torch.nn.LeakyReLU, deep_supervision=True,
-    )  # fmt: skip
+    deeper = {
+        "features": [4, 8, 8, 8],
+        "strides": [[1, 1, 1]] + [[2, 2, 2]] * 3,
+        "kernel_sizes": [[3, 3, 3]] * 4,
+    }
+    net = build_network(tiny_spec(K, **deeper), seed=16)
     image = torch.randn(2, 1, 16, 16, 16)
     mask = _mask([[1, 2, 3, 4, 5], [3]])
     target = _partial_target(torch.randint(0, K, (2, 1, 16, 16, 16)), mask)

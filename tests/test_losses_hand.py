@@ -15,8 +15,6 @@ import torch
 
 from fedpsmos.losses import build_loss
 
-torch.set_num_threads(1)
-
 SMOOTH = 1e-5
 GAMMA = 2.0
 TOPK_PERCENT = 25.0  # 25% of 8 voxels = 2 voxels: a non-trivial top-k on this tiny volume

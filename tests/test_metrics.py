@@ -214,18 +214,6 @@ def test_evaluate_site_scores_only_labelled_organs(tmp_path):
     assert spleen["hd95"] == pytest.approx(math.sqrt(8.0**2 + 5.4**2 + 4.8**2))
     assert len(frame) == 2
 
-    # Execute: a model that outputs only the liver is scored on the liver only
-    only = evaluate_site(
-        predictions_dir=tmp_path / "pred",
-        manifest_path=tmp_path / "manifest.json",
-        labels={"liver": [7], "spleen": [3]},
-        model="site_alone",
-        site="s",
-        out_csv=tmp_path / "m2.csv",
-        model_organs=["liver"],
-    )
-    assert list(only["organ"]) == ["liver"]
-
 
 def test_evaluate_site_rejects_wrong_geometry(tmp_path):
     _write(np.zeros((4, 6, 6), np.uint8), tmp_path / "lab.nii.gz")

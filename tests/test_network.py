@@ -16,8 +16,6 @@ from fedpsmos.network import (
     parameter_part,
 )
 
-torch.set_num_threads(1)
-
 CONFIG_NETWORK = {
     "features": [4, 8, 16],
     "strides": [[1, 1, 1], [2, 2, 2], [1, 2, 2]],

@@ -159,7 +159,7 @@ def nnunet_setup(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
             patch.setenv(name, str(root / name))
-        patch.setenv("nnUNet_def_n_proc", "2")
+        patch.setenv("nnUNet_def_n_proc", "1")  # one thread, like the tests (read when nnunetv2 loads)
         from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from fedpsmos.paper.models import model_name, parse_model_id
-from fedpsmos.paper.tables import make_tables, table2_losses, table3_margexc, table5_settings, write_table
+from fedpsmos.paper.table_format import write_table
+from fedpsmos.paper.tables import make_tables, table2_losses, table3_margexc, table5_settings
 
 ORGANS5 = ["liver", "spleen", "pancreas", "kidney_left", "kidney_right"]
 

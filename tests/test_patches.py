@@ -156,7 +156,9 @@ def test_small_image_pads_and_huge_patch_fails(tmp_path):
         seed=0,
     )
     assert set(index["z"]) == {0} and set(index["organ"]) == {"liver"}
-    with pytest.raises(PatchIndexError, match=r"siteX_000: patch \(7, 8, 8\) exceeds"):
+    message = r"^case siteX_000: patch \(7, 8, 8\) exceeds the preprocessed image \(3, 24, 24\)"
+    message += r" by more than 2\.0x on an axis"
+    with pytest.raises(PatchIndexError, match=message):
         index_site(
             manifest,
             npz,
@@ -166,6 +168,7 @@ def test_small_image_pads_and_huge_patch_fails(tmp_path):
             candidates_per_case=20,
             seed=0,
         )
+    assert not (tmp_path / "q.parquet").exists()
 
 
 def test_errors_name_the_site(tmp_path):

@@ -18,9 +18,8 @@ from fedpsmos.network import (
 )
 from fedpsmos.pipo import PipoUNet, PyramidInputEncoder
 from fedpsmos.training.trainer import Trainer, TrainSettings
+from tests.conftest import tiny_spec
 from tests.test_sampler import write_site
-
-torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 ALL = ("liver", "spleen", "pancreas", "kidney_left", "kidney_right")
@@ -153,10 +152,7 @@ def test_checkpoint_weights_load_into_a_network_rebuilt_from_the_meta() -> None:
 
 def make_trainer(tmp_path: Path, mode: str = "full") -> Trainer:
     sites = [write_site(tmp_path, "site1", ALL), write_site(tmp_path, "site2", ("liver",), seed=1)]
-    network = {"features": [4, 8], "strides": [[1, 1, 1], [2, 2, 2]], "kernel_sizes": [[3, 3, 3]] * 2}
-    spec = NetworkSpec.from_config(
-        {**network, "conv_per_stage": 2, "deep_supervision": True, "architecture": "pipo"}, 6
-    )
+    spec = tiny_spec(6, conv_per_stage=2, architecture="pipo")  # PIPO needs two convolutions a stage
     return Trainer(
         model=build_network(spec, seed=0),
         sites=sites,

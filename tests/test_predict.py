@@ -17,7 +17,6 @@ from fedpsmos.preprocessing.resample import resample_array
 from fedpsmos.training.checkpoint import save_checkpoint
 from tests.conftest import tiny_spec
 
-torch.set_num_threads(2)
 TARGET_SPACING = (3.0, 1.5, 1.5)
 
 

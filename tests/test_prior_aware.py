@@ -26,8 +26,6 @@ from fedpsmos.losses import (
 )
 from fedpsmos.organs import IGNORE_CLASS
 
-torch.set_num_threads(1)
-
 MARGINAL = {"dice": 1.0, "ce": 1.0}
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 import yaml
 from snakemake.utils import update_config
 
@@ -217,7 +216,6 @@ def _random_model(path: Path, organs: list[str], site: str) -> None:
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_data_set_layout_runs_through_the_pipeline(tmp_path, base, name):
     # Prepare: the data set's layout at the overlay's relative path, as if tmp_path were the checkout
-    torch.set_num_threads(2)
     build, expected_ids, expected_organs = DATASETS[name]
     ((site, spec),) = drop_unset(_overlay(name))["sites"].items()  # nulls delete keys, as in common.smk
     root = tmp_path / spec["path"]

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from fedpsmos.paper.tables import display_table
+from fedpsmos.paper.table_format import display_table
 from tests.workflow_helpers import REPO, snakemake
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -1,4 +1,4 @@
-"""Federated rounds (site_round, aggregation, blocks, curves) on a tiny network and tiny data."""
+"""Federated rounds (site_round, site_selection, aggregation, blocks, curves) on tiny networks and data."""
 
 from __future__ import annotations
 
@@ -12,27 +12,20 @@ import pandas as pd
 import pytest
 import torch
 
-from fedpsmos.federated import aggregation, blocks, curves, paths, rounds, site_round
+from fedpsmos.federated import aggregation, blocks, curves, paths, rounds, site_round, site_selection
 from fedpsmos.federated.rounds import RoundError
 from fedpsmos.federated.site_round import LocalSettings, RoundPlan
-from fedpsmos.network import NetworkSpec, build_network
+from fedpsmos.network import build_network
 from fedpsmos.organs import ORGANS, labelled_mask
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
 from fedpsmos.training.sampler import SiteData
 from fedpsmos.training.selection import ValidationCase, validation_cases_from_manifest
 from fedpsmos.training.trainer import Trainer, TrainSettings
-
-torch.set_num_threads(1)
+from tests.conftest import tiny_spec
+from tests.test_checkpoint import RunsCode
 
 PATCH = (8, 8, 8)
-SPEC = NetworkSpec(
-    features=(2, 4),
-    strides=((1, 1, 1), (2, 2, 2)),
-    kernel_sizes=((3, 3, 3), (3, 3, 3)),
-    conv_per_stage=1,
-    deep_supervision=True,
-    num_classes=6,
-)
+SPEC = tiny_spec(6)
 LOSS = {"marginal": {"dice": 1.0, "ce": 1.0}, "exclusion": {"ce": 1.0}}
 TRAINING = {
     "patches_per_iteration": 2,
@@ -339,6 +332,7 @@ def _corrupt(state: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor
         ("dtype", "has dtype"),
         ("nan", "non-finite"),
         ("truncated", "truncated or corrupt"),
+        ("code", "not a weights-only checkpoint"),
     ],
 )
 def test_aggregator_refusals_name_site_and_round(tmp_path: Path, how: str, message: str) -> None:
@@ -347,11 +341,16 @@ def test_aggregator_refusals_name_site_and_round(tmp_path: Path, how: str, messa
     m0 = make_m0(tmp_path / "m0.pt")
     rounds.init_global(tmp_path / "m0.pt", paths.global_model_path(setting, 0))
     good = _site_file(setting, "site1", m0)
-    bad = _site_file(setting, "site2", m0 if how == "truncated" else _corrupt(m0, how))
+    bad = _site_file(setting, "site2", m0 if how in ("truncated", "code") else _corrupt(m0, how))
+    marker = tmp_path / "pwned"
     if how == "truncated":
         bad.write_bytes(bad.read_bytes()[:-200])
-    # Execute / Assert
-    with pytest.raises(RoundError, match=f"round 1, site site2: .*{message}"):
+    if how == "code":  # a site file that runs code on whoever unpickles it (tests/test_checkpoint.py)
+        payload = load_checkpoint(bad)
+        payload["meta"]["note"] = RunsCode(marker)
+        torch.save(payload, bad)
+    # Execute / Assert: one line naming round and site, and the file where the file itself is unreadable
+    with pytest.raises(RoundError, match=f"^round 1, site site2: .*{message}") as info:
         aggregation.aggregate_round(
             previous_global=paths.global_model_path(setting, 0),
             site_paths=[good, bad],
@@ -360,7 +359,12 @@ def test_aggregator_refusals_name_site_and_round(tmp_path: Path, how: str, messa
             round_index=1,
             policy="skip",
         )
+    assert "\n" not in str(info.value)
+    if how in ("nan", "truncated", "code"):
+        assert str(bad) in str(info.value)
     assert not paths.global_model_path(setting, 1).exists()
+    assert not paths.record_path(setting, 1).exists()
+    assert not marker.exists(), "the code-running pickle ran"
 
 
 def test_skip_policy_renormalises_and_fail_policy_raises(tmp_path: Path) -> None:
@@ -505,7 +509,7 @@ def test_site_selection_keeps_the_best_of_global_and_local_by_score(
     run_rounds(setting, sites, 3)
     # Execute
     chosen = {
-        site: site_round.write_selected_model(
+        site: site_selection.write_selected_model(
             private_state=paths.private_state_path(setting, site, 3),
             last_global=paths.global_model_path(setting, 3),
             out_model=tmp_path / "selected" / f"{site}.pt",
@@ -568,7 +572,7 @@ def test_site_selection_prefers_local_when_better_and_falls_back_without_validat
     )
     # Execute
     metas = {
-        site: site_round.write_selected_model(
+        site: site_selection.write_selected_model(
             private_state=paths.private_state_path(setting, site, 1),
             last_global=paths.global_model_path(setting, 1),
             out_model=tmp_path / "selected" / f"{site}.pt",

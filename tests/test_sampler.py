@@ -21,8 +21,6 @@ from fedpsmos.training.sampler import (
     site_data_from_manifest,
 )
 
-torch.set_num_threads(1)
-
 PATCH = (4, 8, 8)
 
 

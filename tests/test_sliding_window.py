@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,12 +12,7 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian as nnu
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 from torch import nn
 
-from fedpsmos.inference.sliding_window import (
-    compute_gaussian,
-    compute_steps,
-    coverage_weights,
-    predict_logits,
-)
+from fedpsmos.inference.sliding_window import compute_gaussian, compute_steps, predict_logits
 from fedpsmos.network import build_network
 from tests.conftest import tiny_spec
 
@@ -25,6 +21,15 @@ def tiny_unet() -> nn.Module:
     """A real two-stage PlainConvUNet (instance norm: per-sample statistics), in eval mode."""
     spec = tiny_spec(3, deep_supervision=False)
     return build_network(spec, seed=0).eval()
+
+
+def nnunet_coverage(shape: tuple[int, ...], patch: tuple[int, ...], step: float = 0.5) -> torch.Tensor:
+    """The summed Gaussian weight nnU-Net's predictor divides each voxel by (its tiles and its Gaussian)."""
+    gaussian = nnunet_gaussian(patch, 1.0 / 8, 1, dtype=torch.float64, device=torch.device("cpu"))
+    weights = torch.zeros(shape, dtype=torch.float64)
+    for start in itertools.product(*compute_steps_for_sliding_window(shape, patch, step)):
+        weights[tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))] += gaussian
+    return weights
 
 
 class ConstantNet(nn.Module):
@@ -76,14 +81,14 @@ def test_tiles_are_placed_where_they_were_cut(shape, mirror):
     torch.testing.assert_close(logits[1], -torch.from_numpy(image), rtol=0, atol=1e-5)
 
 
-def test_softmax_accumulation_and_batches():
+def test_constant_logits_survive_batches_of_three_tiles():
     # Prepare
     image = np.zeros((10, 20, 20), dtype=np.float32)
     net = ConstantNet([0.0, np.log(3.0)])
     # Execute
-    probs = predict_logits(net, image, patch_size=(6, 8, 8), accumulate="softmax", batch_size=3, device="cpu")
+    logits = predict_logits(net, image, patch_size=(6, 8, 8), batch_size=3, device="cpu")
     # Assert
-    torch.testing.assert_close(probs[1], torch.full((10, 20, 20), 0.75), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits[1], torch.full((10, 20, 20), float(np.log(3.0))), rtol=0, atol=1e-6)
 
 
 def test_deep_supervision_output_uses_full_resolution_and_is_restored():
@@ -144,7 +149,7 @@ def test_agrees_with_nnunet_predictor():
     # corner (weight ~1e-10); compare where the summed weight is representable, to float16 precision
     # (logits of a few units carry ~4e-3 of float16 rounding).
     assert tuple(theirs.shape) == tuple(ours.shape)
-    trusted = torch.from_numpy(coverage_weights(image.shape, patch, 0.5) > 1e-3)
+    trusted = nnunet_coverage(image.shape, patch) > 1e-3
     assert trusted.float().mean() > 0.5
     assert float((ours - theirs).abs()[:, trusted].max()) < 1e-2
 

@@ -118,8 +118,11 @@ def test_missing_folders_and_no_cases_name_the_folder(tmp_path):
         list_cases("msd", tmp_path, site="s")
     with pytest.raises(DataError, match="unknown data source 'dicom'"):
         list_cases("dicom", tmp_path, site="s")
-    with pytest.raises(DataError, match=rf"{tmp_path / 'nope'}"):
+    # case_ids is what the workflow calls when it loads: the same one-line errors name the folder
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'nope'}: site s data folder does not exist$"):
         case_ids("msd", tmp_path / "nope", site="s", spec=None)
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'imagesTr'}: site s has no cases"):
+        case_ids("nnunet", tmp_path, site="s", spec=None)
 
 
 # ---------------------------------------------------------------- the files source (data sets as downloaded)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fedpsmos.data.synthetic import default_case_ids, make_case, site_seed, write_site
+from fedpsmos.data.phantom import make_case
+from fedpsmos.data.synthetic import default_case_ids, site_seed, write_site
 from fedpsmos.organs import CLASS_INDEX, ORGANS
 
 # Coarser than the default config so the tests stay fast; same keys.

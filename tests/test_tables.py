@@ -13,18 +13,15 @@ from scipy import stats
 
 from fedpsmos.evaluation.evaluate import evaluate_site
 from fedpsmos.paper.models import model_name
+from fedpsmos.paper.paired_tests import paired_wilcoxon
+from fedpsmos.paper.results import checked_convention, read_metrics, results_row
+from fedpsmos.paper.table_format import to_latex, to_markdown
 from fedpsmos.paper.tables import (
     caption_note,
-    checked_convention,
     make_tables,
-    paired_wilcoxon,
-    read_metrics,
-    results_row,
     table4_federated,
     table5_settings,
     table6_adaptation,
-    to_latex,
-    to_markdown,
 )
 
 ORGANS5 = ["liver", "spleen", "pancreas", "kidney_left", "kidney_right"]

@@ -22,18 +22,11 @@ from fedpsmos.training.selection import (
     validation_cases_from_manifest,
 )
 from fedpsmos.training.trainer import Trainer, TrainingError, TrainSettings, train_model
+from tests.conftest import tiny_network
 from tests.test_sampler import write_site
 
-torch.set_num_threads(1)
-
 PATCH = (4, 8, 8)
-NETWORK = {
-    "features": [4, 8],
-    "strides": [[1, 1, 1], [2, 2, 2]],
-    "kernel_sizes": [[3, 3, 3], [3, 3, 3]],
-    "conv_per_stage": 1,
-    "deep_supervision": True,
-}
+NETWORK = tiny_network()
 TRAINING = {
     "patches_per_iteration": 2,
     "iterations_per_epoch": 2,

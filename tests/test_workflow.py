@@ -3,18 +3,42 @@ end to end (every rule family), with a one-site adaptation rerun that touches no
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import pytest
+import SimpleITK as sitk
 import torch
 
+from fedpsmos.inference.apply import predict_folder
+from fedpsmos.organs import ORGANS
+from fedpsmos.paper import figures
 from fedpsmos.training.checkpoint import load_checkpoint
+from tests.conftest import DryRun
 from tests.workflow_helpers import dry_run_jobs, snakemake
 
 SITES = ["site1", "site2", "site3", "site4", "site5"]
+SITE_ORGANS = {  # config/ci.yaml's synthetic sites (config.yaml's label maps)
+    "site1": list(ORGANS),
+    "site2": ["liver"],
+    "site3": ["spleen"],
+    "site4": ["pancreas"],
+    "site5": ["kidney_left", "kidney_right"],
+}
+EVALUATED = [  # every model the tiny config trains, evaluated on every site
+    "pretrain",
+    "central/dice_ce_lovasz",
+    "baseline/panns",
+    "baseline/pipo",
+    "site_alone",
+    *(f"federated/{s}" for s in ("V1", "V2", "V3")),
+    *(f"adapted/{m}" for m in ("full", "encoder", "decoder")),
+]
 SITE_RULES = {
     "make_synthetic_site",
     "validate_site",
@@ -41,10 +65,9 @@ def _sites_read(files: list[str]) -> set[str]:
     return found
 
 
-def test_no_site_rule_reads_another_sites_data(tmp_path: Path) -> None:
+def test_no_site_rule_reads_another_sites_data(tiny_plan: DryRun) -> None:
     # Prepare / Execute: the whole DAG of the tiny config, per-round federated rules
-    result = snakemake(tmp_path / "run", "-n", "--forceall", "all")
-    jobs = dry_run_jobs(result.stdout)
+    jobs = tiny_plan()
     # Assert
     assert {j["rule"] for j in jobs} >= SITE_RULES - {"run_round_block"} | {"aggregate_round"}
     for job in jobs:
@@ -59,30 +82,102 @@ def test_no_site_rule_reads_another_sites_data(tmp_path: Path) -> None:
             assert set(job["input"]) == expected
 
 
+def _metrics(work: Path) -> dict[tuple[str, str], Path]:
+    """Every metrics CSV of a run by its (model, site), read from its rows."""
+    found: dict[tuple[str, str], Path] = {}
+    for path in sorted((work / "results").rglob("metrics.csv")):
+        frame = pd.read_csv(path)
+        assert frame["model"].nunique() == 1 and frame["site"].nunique() == 1, path
+        key = (frame["model"].iloc[0], frame["site"].iloc[0])
+        assert key not in found, (path, found.get(key))
+        found[key] = path
+    return found
+
+
+def _dice_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """The Dice columns of a paper table (per organ and the mean), '-' (not run) as NaN."""
+    columns = [c for c in table.columns if c.endswith(" DC")]
+    return table[columns].replace("-", float("nan")).astype(float)
+
+
 @pytest.mark.workflow
-def test_tiny_config_runs_end_to_end(tiny_run: Path) -> None:
+def test_tiny_config_runs_end_to_end(tiny_run: Path, tmp_path: Path) -> None:
     # Execute: the whole workflow on the tiny config (run once per session by the tiny_run fixture)
     work = tiny_run
-    # Assert: every table and figure, and metrics for the organs each site labels
+    # Assert: a metrics CSV per evaluated model and site, holding the site's test cases and the organs the
+    # site labels, with Dice in [0, 1]
+    metrics = _metrics(work)
+    assert set(metrics) == {(model, site) for model in EVALUATED for site in SITES}
+    for (_, site), path in metrics.items():
+        frame = pd.read_csv(path)
+        test_cases = json.loads((work / "results" / "data" / site / "manifest.json").read_text())["test"]
+        assert sorted(set(frame["case"])) == sorted(test_cases), path
+        assert sorted(frame["organ"]) == sorted(SITE_ORGANS[site] * len(test_cases)), path
+        assert frame["dice"].between(0, 1).all(), path
+    scores = pd.concat(pd.read_csv(p) for p in metrics.values())
+
+    # Tables 2-6 in every format; each model's Dice in [0, 1] ('-' only for the losses the tiny config does
+    # not train), both data blocks (the fully labelled site1, the partially labelled sites), and the values
+    # are the metrics': the federated model's liver Dice on site1 in Table 4 is its site1 test case's
     paper = work / "results" / "paper"
     for n in (2, 3, 4, 5, 6):
-        for ext in ("csv", "md", "tex"):
-            assert (paper / f"table{n}.{ext}").stat().st_size > 0
-    for fig in ("dice_per_organ", "qualitative", "federated_curves", "training_curves"):
-        assert (paper / f"fig_{fig}.png").stat().st_size > 0
-    metrics = pd.read_csv(work / "results" / "federated" / "V2" / "site2" / "metrics.csv")
-    assert set(metrics["organ"]) == {"liver"}
-    assert metrics["dice"].between(0, 1).all()
+        assert {p.name for p in paper.glob(f"table{n}.*")} == {f"table{n}.{e}" for e in ("csv", "md", "tex")}
+        table = pd.read_csv(paper / f"table{n}.csv", keep_default_na=False)
+        dice = _dice_cells(table)
+        assert ((dice >= 0) & (dice <= 1) | dice.isna()).all().all(), n
+        ran = ~table["model"].str.startswith("MargExc-style")  # central Dice+CE: not in the tiny config
+        assert dice[ran].notna().all().all() and dice[~ran].isna().all().all(), n
+        if n != 5:
+            assert table["data"].str.startswith("site1 (fully labelled)").sum() == len(table) // 2, n
+    table4 = pd.read_csv(paper / "table4.csv", keep_default_na=False).set_index(["data", "model"])
+    federated = table4.loc[("site1 (fully labelled)", "federated (FL), V2")]
+    site1 = scores[(scores["model"] == "federated/V2") & (scores["site"] == "site1")]
+    assert float(federated["liver DC"]) == pytest.approx(site1.loc[site1["organ"] == "liver", "dice"].mean())
+    assert list(table4.loc["site1 (fully labelled)"].index) == [
+        "M0 (pretrained on site 1)",
+        "central (non-FL, upper bound), Dice+CE+Lovasz",
+        "site alone",
+        "federated (FL), V2",
+    ]
+    table5 = pd.read_csv(paper / "table5.csv", keep_default_na=False).set_index("model")
+    for setting, (iterations, rounds) in {"V1": (1, 2), "V2": (2, 1), "V3": (2, 1)}.items():
+        row = table5.loc[f"federated (FL), {setting}"]
+        assert (int(row["client iterations"]), int(row["rounds"])) == (iterations, rounds)
+
+    # The federated curves drawn from the run's own rounds.csv: a panel per setting, a line per site
+    rounds = figures.read_federated_curves(sorted(work.glob("results/models/federated/*/rounds.csv")))
+    fig = figures.federated_curves_figure(rounds)
+    top = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in top] == ["V1", "V2", "V3"]
+    assert all([line.get_label() for line in ax.get_lines()] == SITES for ax in top)
+    assert [len(line.get_xdata()) for line in top[0].get_lines()] == [2] * len(SITES)  # V1: two rounds
+    plt.close(fig)
+    for name in ("dice_per_organ", "qualitative", "federated_curves", "training_curves"):
+        assert (paper / f"fig_{name}.png").read_bytes()[:4] == b"\x89PNG"
     for r in (1, 2):
-        for site in SITES:
-            assert (work / "results" / "federated" / "V1" / f"round_{r}" / f"{site}.pt").exists()
-        assert (work / "results" / "federated" / "V1" / f"round_{r}" / "global.pt").exists()
+        assert {p.name for p in (work / "results/federated/V1" / f"round_{r}").glob("*.pt")} == {
+            "global.pt",
+            *(f"{s}.pt" for s in SITES),
+        }
+
+    # The federated model site2 selected loads and predicts a raw scan as the workflow did (fedpsmos predict)
+    case = json.loads((work / "results/data/site2/manifest.json").read_text())["test"][0]
+    (tmp_path / "scan").mkdir()
+    shutil.copy(work / f"results/raw/site2/imagesTr/{case}_0000.nii.gz", tmp_path / "scan" / f"{case}.nii.gz")
+    model = work / "results/models/federated/V2/selected/site2.pt"
+    (written,) = predict_folder(
+        model, tmp_path / "scan", tmp_path / "predicted", device="cpu", progress=False
+    )
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
+    theirs = metrics[("federated/V2", "site2")].parent / "predictions" / f"{case}.nii.gz"
+    np.testing.assert_array_equal(ours, sitk.GetArrayFromImage(sitk.ReadImage(str(theirs))))
+    assert set(np.unique(ours)) <= set(range(len(ORGANS) + 1))
     # Nothing left to do.
     assert "Nothing to be done" in snakemake(work, "-n", "all").stdout
 
     # Rerunning one site's adaptation plans that adaptation, its prediction and evaluation, nothing else
     # (the target goes before --forcerun, which takes every following word as a rule name).
-    target = "results/adapted/decoder/site3/metrics.csv"
+    target = metrics[("adapted/decoder", "site3")].relative_to(work).as_posix()
     plan = dry_run_jobs(snakemake(work, "-n", target, "--forcerun", "adapt_model").stdout)
     assert sorted(j["rule"] for j in plan) == ["adapt_model", "evaluate_site", "predict_site"]
     assert all(j["wildcards"].get("site") == "site3" for j in plan)

@@ -7,7 +7,6 @@ against its image, is visible at a glance.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -19,7 +18,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from fedpsmos.atomic import atomic_path
+from fedpsmos.data.manifest import Manifest
 from fedpsmos.data.sources import DataError
+from fedpsmos.io import read_image
 
 ORGAN_COLOURS = {
     "liver": "#d62728",
@@ -32,8 +33,9 @@ ORGAN_COLOURS = {
 WINDOW_HU = (-200.0, 300.0)  # abdominal soft-tissue window
 
 
-def _read_lps(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
-    image = sitk.DICOMOrient(sitk.ReadImage(path), "LPS")  # rows anterior -> posterior, columns right -> left
+def _read_lps(path: Path, what: str) -> tuple[np.ndarray, tuple[float, ...]]:
+    # rows anterior -> posterior, columns right -> left
+    image = sitk.DICOMOrient(read_image(path, what), "LPS")
     return sitk.GetArrayFromImage(image), image.GetSpacing()
 
 
@@ -57,15 +59,11 @@ def plot_site(
     manifest_path: the site's ``manifest.json``; out_png: the PNG to write (atomically);
     n_cases: how many cases to show (rows).
     """
-    manifest_path = Path(manifest_path)
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{manifest_path}: cannot read manifest: {err}") from err
-    cases = manifest["cases"][: max(1, n_cases)]
+    manifest = Manifest.load(manifest_path)
+    cases = manifest.cases[: max(1, n_cases)]
     if not cases:
         raise DataError(f"{manifest_path}: manifest lists no cases")
-    labels: dict[str, list[int]] = manifest["labels"]
+    labels = manifest.label_map.labels
     # One colour per label value, from the organ it stands for.
     value_organ = {int(v): organ for organ, vals in labels.items() for v in vals}
     max_value = max(value_organ, default=1)
@@ -80,8 +78,8 @@ def plot_site(
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(cases), per_row, squeeze=False)
     for row, case in zip(axes, cases, strict=True):
-        image, spacing = _read_lps(case["image"])
-        label, _ = _read_lps(case["label"])
+        image, spacing = _read_lps(case.image, "image")
+        label, _ = _read_lps(case.label, "label")
         for ax, z in zip(row, _slices(label, per_row), strict=False):
             ax.imshow(
                 image[z], cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=spacing[1] / spacing[0]
@@ -94,7 +92,7 @@ def plot_site(
                 interpolation="nearest",
                 aspect=spacing[1] / spacing[0],
             )
-            ax.set_title(f"{case['case']} ({case.get('split', '?')}) z={z}", fontsize=8)
+            ax.set_title(f"{case.case} ({case.split or '?'}) z={z}", fontsize=8)
         for ax in row:
             ax.axis("off")
     handles = [
@@ -102,8 +100,8 @@ def plot_site(
         for organ, vals in labels.items()
     ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    organs = ", ".join(manifest.get("organs", list(labels)))
-    fig.suptitle(f"{manifest['site']}: {organs} (R | L, anterior up)", fontsize=10)
+    organs = ", ".join(manifest.organs)
+    fig.suptitle(f"{manifest.site}: {organs} (R | L, anterior up)", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.96))
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=80, format="png")

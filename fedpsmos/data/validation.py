@@ -18,10 +18,7 @@ at least one training case remains), the rest to ``train``. The manifest format 
 
 from __future__ import annotations
 
-import gzip
-import math
 import os
-import struct
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -31,65 +28,14 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from fedpsmos.atomic import write_json
 from fedpsmos.data.label_map import LabelMap
+from fedpsmos.data.manifest import Manifest
 from fedpsmos.data.sources import CaseFiles, DataError, list_cases
 from fedpsmos.data.synthetic import site_seed
+from fedpsmos.io import ImageError, nifti_header, read_image_pair
 from fedpsmos.organs import LabelMapError
 
 __all__ = ["DataError", "SplitSettings", "build_manifest", "split_cases", "validate_case"]
-
-SPACING_RTOL = 1e-3
-SPACING_ATOL = 1e-3  # mm, also used for the origin
-DIRECTION_ATOL = 1e-4
-
-
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    # ITK puts the useful part after "ITK ERROR:"; keep the message short and on one line.
-    for line in lines:
-        if "ERROR" in line or "error" in line:
-            return line[:300]
-    return (lines[-1] if lines else "unknown error")[:300]
-
-
-def _nifti_header(path: Path) -> dict[str, Any] | None:
-    """The few NIfTI-1/2 header fields SimpleITK hides, or None for other formats or unreadable headers."""
-    name = path.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
-        return None
-    opener = gzip.open if name.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as handle:
-            head = handle.read(540)
-    except (OSError, EOFError):
-        return None  # unreadable files are reported by the SimpleITK read
-    for e in ("<", ">"):
-        if len(head) >= 348 and struct.unpack(e + "i", head[:4])[0] == 348:
-            ndim = struct.unpack(e + "h", head[40:42])[0]
-            dims = struct.unpack(e + "7h", head[42:56])
-            datatype = struct.unpack(e + "h", head[70:72])[0]
-            pixdim = struct.unpack(e + "3f", head[80:92])
-            offset = int(struct.unpack(e + "f", head[108:112])[0])
-        elif len(head) >= 540 and struct.unpack(e + "i", head[:4])[0] == 540:
-            ndim = struct.unpack(e + "q", head[16:24])[0]
-            dims = struct.unpack(e + "7q", head[24:80])
-            datatype = struct.unpack(e + "h", head[12:14])[0]
-            pixdim = struct.unpack(e + "3d", head[112:136])
-            offset = int(struct.unpack(e + "q", head[168:176])[0])
-        else:
-            continue
-        ndim = max(0, min(7, ndim))
-        return {
-            "endian": e,
-            "pixdim": pixdim[: min(3, ndim)],  # a 2-D image has no third spacing to check
-            "datatype": datatype,
-            "n_voxels": int(np.prod(dims[:ndim])) if ndim else 0,
-            "offset": offset,
-            "opener": opener,
-        }
-    return None
-
 
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 / float64
 
@@ -117,35 +63,6 @@ def _nifti_nonfinite(path: Path, header: Mapping[str, Any]) -> int:
     return bad
 
 
-def _read(path: Path, what: str) -> sitk.Image:
-    if not path.is_file():
-        raise DataError(f"{path}: {what} file does not exist")
-    if path.name.lower().endswith(".gz"):
-        with open(path, "rb") as handle:
-            magic = handle.read(2)
-        if magic != b"\x1f\x8b":
-            # SimpleITK reads an uncompressed file named .nii.gz, but nnU-Net and nibabel do not.
-            raise DataError(f"{path}: {what} file is named .gz but is not gzip-compressed")
-    header = _nifti_header(path)
-    if header is not None and not all(math.isfinite(p) and p > 0 for p in header["pixdim"]):
-        # ITK silently reads a zero pixdim as 1 mm and a negative one as a flipped axis.
-        raise DataError(
-            f"{path}: {what} spacing must be > 0, the NIfTI header has pixdim {list(header['pixdim'])}"
-        )
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise DataError(f"{path}: cannot read {what} file {path.name}: {_one_line(str(err))}") from err
-    if image.GetDimension() != 3:
-        raise DataError(f"{path}: {what} is {image.GetDimension()}-D, a 3-D image is required")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError(f"{path}: {what} has {image.GetNumberOfComponentsPerPixel()} components per voxel")
-    spacing = image.GetSpacing()
-    if not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise DataError(f"{path}: {what} spacing must be > 0, got {list(spacing)}")
-    return image
-
-
 def _geometry(image: sitk.Image) -> dict[str, list[float] | list[int]]:
     return {
         "sitk_size": [int(s) for s in image.GetSize()],
@@ -153,20 +70,6 @@ def _geometry(image: sitk.Image) -> dict[str, list[float] | list[int]]:
         "sitk_origin": [float(s) for s in image.GetOrigin()],
         "sitk_direction": [float(s) for s in image.GetDirection()],
     }
-
-
-def _check_same_grid(image: sitk.Image, label: sitk.Image, label_path: Path) -> None:
-    pairs = (
-        ("size", image.GetSize(), label.GetSize(), 0.0, 0.0),
-        ("spacing", image.GetSpacing(), label.GetSpacing(), SPACING_RTOL, SPACING_ATOL),
-        ("origin", image.GetOrigin(), label.GetOrigin(), SPACING_RTOL, SPACING_ATOL),
-        ("direction", image.GetDirection(), label.GetDirection(), 0.0, DIRECTION_ATOL),
-    )
-    for name, a, b, rtol, atol in pairs:
-        if not np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=rtol, atol=atol):
-            fa = [round(v, 6) for v in a]
-            fb = [round(v, 6) for v in b]
-            raise DataError(f"{label_path}: label {name} {fb} differs from the image's {fa}")
 
 
 def validate_case(case: CaseFiles, *, label_values: Iterable[int] | None) -> dict[str, Any]:
@@ -179,15 +82,16 @@ def validate_case(case: CaseFiles, *, label_values: Iterable[int] | None) -> dic
     ``None`` to allow any value (``background: rest``).
     Raises :class:`DataError` ``"{path}: {problem}"`` for the first problem found.
     """
-    image = _read(Path(case.image), "image")
-    label = _read(Path(case.label), "label")
-    _check_same_grid(image, label, Path(case.label))
+    try:
+        image, label = read_image_pair(case.image, case.label)
+    except ImageError as err:
+        raise DataError(str(err)) from err
 
     pixels = sitk.GetArrayViewFromImage(image)
     bad = 0
     if np.issubdtype(pixels.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(pixels)))
-        header = _nifti_header(Path(case.image))
+        header = nifti_header(case.image)
         if header is not None and not bad:
             bad = _nifti_nonfinite(Path(case.image), header)
     if bad:
@@ -302,7 +206,8 @@ def build_manifest(
     ignore: Iterable[int | str] | None = None,
     files: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Validate every case of a site, split it and write ``manifest.json`` atomically; returns the manifest.
+    """Validate every case of a site, split it and write ``manifest.json`` atomically
+    (:class:`fedpsmos.data.manifest.Manifest`); returns the manifest's JSON data.
 
     Parameters
     ----------
@@ -343,5 +248,5 @@ def build_manifest(
         "validation": parts["validation"],
         "test": parts["test"],
     }
-    write_json(out, manifest)
+    Manifest(manifest, out).write()
     return manifest

@@ -3,8 +3,8 @@
 The reference is the site's raw label file (original geometry) mapped to the global classes with the site's
 resolved label map from its manifest, so metrics are computed in the original spacing. Reference voxels of
 unknown class (the site's ``ignore`` values) are left out of Dice and HD95. Only the organs the site labels
-are scored: the other organs are present in its images but unlabelled, so its reference cannot judge them. A
-model that outputs only some organs (site-alone) is scored only on those (``model_organs``). Empty masks
+are scored: the other organs are present in its images but unlabelled, so its reference cannot judge them
+(a site-alone model outputs exactly its site's organs). Empty masks
 follow :mod:`fedpsmos.evaluation.metrics`: a missed organ (reference present, prediction empty) or a
 spurious one (reference empty, prediction present) gets Dice 0 and the HD95 penalty, the diagonal of the
 reference image in mm, and is flagged in the ``missed`` / ``spurious`` columns so tables can count it.
@@ -12,7 +12,6 @@ reference image in mm, and is flagged in the ``missed`` / ``spurious`` columns s
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,8 +23,10 @@ import SimpleITK as sitk
 
 from fedpsmos.atomic import atomic_path
 from fedpsmos.data.label_map import LabelMap, apply_label_map_image, as_label_map
+from fedpsmos.data.manifest import Manifest
 from fedpsmos.evaluation.metrics import DEFAULT_HD95, check_convention, dice, hd95, image_diagonal
-from fedpsmos.organs import CLASS_INDEX, IGNORE_CLASS, LabelMapError
+from fedpsmos.io import read_image
+from fedpsmos.organs import CLASS_INDEX, IGNORE_CLASS
 
 COLUMNS = ("model", "site", "case", "organ", "dice", "hd95")
 # Written after COLUMNS: whether the case was a missed or spurious organ (HD95 is then the penalty) and the
@@ -43,28 +44,6 @@ class OrganScore(NamedTuple):
     spurious: bool
 
 
-def _resolve(path: str, manifest_path: Path, root: str | None) -> Path:
-    """A manifest path as written, else relative to the manifest's ``root``, else to the manifest's folder."""
-    candidates = [Path(path)]
-    if not Path(path).is_absolute():
-        if root:
-            candidates.append(Path(root) / path)
-        candidates.append(manifest_path.parent / path)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{manifest_path}: file {path!r} not found (tried {[str(c) for c in candidates]})"
-    )
-
-
-def _read_manifest(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read manifest ({error})") from error
-
-
 def manifest_label_map(manifest_path: str | os.PathLike[str]) -> LabelMap:
     """The resolved label map a site's manifest records (``labels``, ``background``, ``ignore``).
 
@@ -73,11 +52,7 @@ def manifest_label_map(manifest_path: str | os.PathLike[str]) -> LabelMap:
     manifest_path:
         ``results/data/{site}/manifest.json``.
     """
-    path = Path(manifest_path)
-    try:
-        return LabelMap.from_manifest(_read_manifest(path))
-    except LabelMapError as error:
-        raise ValueError(f"{path}: {error}") from error
+    return Manifest.load(manifest_path).label_map
 
 
 def reference_labels(manifest_path: str | os.PathLike[str]) -> dict[str, Path]:
@@ -86,21 +61,13 @@ def reference_labels(manifest_path: str | os.PathLike[str]) -> dict[str, Path]:
     Parameters
     ----------
     manifest_path:
-        ``results/data/{site}/manifest.json`` (docs/architecture.md, "Manifest").
+        ``results/data/{site}/manifest.json`` (docs/architecture.md, "Manifest"); label paths resolved by
+        :meth:`fedpsmos.data.manifest.CaseRecord.label`.
     """
-    path = Path(manifest_path)
-    manifest = _read_manifest(path)
-    entries = {str(c.get("case")): c for c in manifest.get("cases", [])}
-    test = manifest.get("test")
-    if not isinstance(test, list) or not test:
-        raise ValueError(f"{path}: manifest has no 'test' case list")
-    out = {}
-    for case in test:
-        entry = entries.get(str(case))
-        if entry is None or "label" not in entry:
-            raise ValueError(f"{path}: test case {case!r} has no entry with a 'label' path")
-        out[str(case)] = _resolve(str(entry["label"]), path, manifest.get("root"))
-    return out
+    manifest = Manifest.load(manifest_path)
+    if not manifest.test:
+        raise ValueError(f"{manifest_path}: the manifest's test split is empty")
+    return {record.case: record.label for record in manifest.records(manifest.test)}
 
 
 def _check_geometry(pred: sitk.Image, ref: sitk.Image, pred_path: Path) -> None:
@@ -164,7 +131,6 @@ def evaluate_site(
     model: str,
     site: str,
     out_csv: str | os.PathLike[str],
-    model_organs: Sequence[str] | None = None,
     hd95_convention: str = DEFAULT_HD95,
 ) -> pd.DataFrame:
     """Score a model's predictions of a site's test cases; write a tidy CSV and return it.
@@ -185,23 +151,21 @@ def evaluate_site(
         the penalty for a missed or spurious organ, NaN when the organ is absent from both), ``missed``
         (reference present, prediction empty), ``spurious`` (reference empty, prediction present) and
         ``hd95_convention``.
-    model_organs:
-        Organs the model outputs, when not all (site-alone models); ``None``: all.
     hd95_convention:
         ``max`` or ``pooled`` (config ``evaluation.hd95``; :mod:`fedpsmos.evaluation.metrics`).
     """
     check_convention(hd95_convention)
     label_map = manifest_label_map(manifest_path) if labels is None else as_label_map(labels)
-    organs = [o for o in label_map.organs if model_organs is None or o in set(model_organs)]
+    organs = label_map.organs
     if not organs:
-        raise ValueError(f"{manifest_path}: site {site} labels none of the organs model {model} outputs")
+        raise ValueError(f"{manifest_path}: site {site} labels no organ to score model {model} on")
     rows = []
     for case, label_path in reference_labels(manifest_path).items():
         pred_path = Path(predictions_dir) / f"{case}.nii.gz"
         if not pred_path.is_file():
             raise FileNotFoundError(f"{pred_path}: prediction of test case {case} not found")
-        ref_image = sitk.ReadImage(str(label_path))
-        pred_image = sitk.ReadImage(str(pred_path))
+        ref_image = read_image(label_path, "reference label")
+        pred_image = read_image(pred_path, "prediction")
         _check_geometry(pred_image, ref_image, pred_path)
         ref = apply_label_map_image(ref_image, label_map)
         pred = sitk.GetArrayFromImage(pred_image)

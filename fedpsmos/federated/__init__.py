@@ -8,6 +8,20 @@ aggregator's round), :mod:`~fedpsmos.federated.blocks` (K rounds in one job, one
 :mod:`~fedpsmos.federated.curves` (per-round curves and the final federated model).
 """
 
-from fedpsmos.federated.fedavg import AggregationError, aggregate, check_states, fedavg_weights
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedpsmos.federated.fedavg import AggregationError, aggregate, check_states, fedavg_weights
 
 __all__ = ["AggregationError", "aggregate", "check_states", "fedavg_weights"]
+
+
+def __getattr__(name: str) -> Any:
+    # FedAvg imports torch on first use only: the workflow reads the file layout (paths) while it builds
+    # its DAG, and importing torch there took seconds.
+    if name in __all__:
+        return getattr(importlib.import_module("fedpsmos.federated.fedavg"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

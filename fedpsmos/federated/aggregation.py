@@ -17,8 +17,9 @@ from typing import Any
 from torch import Tensor
 
 from fedpsmos.atomic import write_json
-from fedpsmos.federated.fedavg import AggregationError, aggregate, check_states
-from fedpsmos.federated.rounds import POLICIES, ROUND_KIND, RoundError, apply_meta, file_digest, load_global
+from fedpsmos.federated.fedavg import AggregationError, aggregate, check_states, fedavg_weights
+from fedpsmos.federated.rounds import POLICIES, ROUND_KIND, RoundError, apply_meta, load_global
+from fedpsmos.io import file_sha256
 from fedpsmos.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def aggregate_round(
     if not kept:
         raise RoundError(f"round {round_index}: every site failed ({failed}); nothing to aggregate")
     counts = [int(metas[i]["n_cases"]) for i in kept]
-    weights = [c / sum(counts) for c in counts]
+    weights = fedavg_weights(counts)
     averaged = aggregate([states[i] for i in kept], counts)
     if failed:
         log.warning(
@@ -148,7 +149,7 @@ def aggregate_round(
         "val_dice": {m["site"]: dict(m.get("val_dice") or {}) for m in metas},
         "val_dice_local": {m["site"]: dict(m.get("val_dice_local") or {}) for m in metas},
         # The chain of rounds: which global model this round started from.
-        "previous_global_sha256": file_digest(previous_global),
+        "previous_global_sha256": file_sha256(previous_global),
         "provenance": dict(provenance or {}),
     }
     write_json(out_record, record)

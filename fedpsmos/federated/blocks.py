@@ -34,7 +34,7 @@ import torch
 
 from fedpsmos.federated.aggregation import aggregate_round
 from fedpsmos.federated.paths import global_model_path, private_state_path, record_path, site_model_path
-from fedpsmos.federated.rounds import RoundError, file_digest
+from fedpsmos.federated.rounds import RoundError
 from fedpsmos.federated.site_round import (
     LocalSettings,
     RoundPlan,
@@ -43,6 +43,7 @@ from fedpsmos.federated.site_round import (
     site_data_from_files,
     site_validation_from_files,
 )
+from fedpsmos.io import file_sha256
 from fedpsmos.training.checkpoint import CheckpointError, load_checkpoint
 from fedpsmos.training.sampler import SiteData
 from fedpsmos.training.selection import ValidationCase
@@ -79,7 +80,7 @@ def round_complete(
             return False
         if provenance is not None and record.get("provenance") != dict(provenance):
             return False
-        started_from = file_digest(global_model_path(setting_dir, round_index - 1))
+        started_from = file_sha256(global_model_path(setting_dir, round_index - 1))
         if record.get("previous_global_sha256") != started_from:
             return False
         paths = [global_model_path(setting_dir, round_index)]

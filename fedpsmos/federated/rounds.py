@@ -27,12 +27,11 @@ Choices the paper leaves open (docs/federated.md):
 - **Local validation and best-model selection** (paper Sec. 4.2). A site with validation cases (manifest
   ``validation``) scores the global model it received and its model after local training on them; only the
   per-organ Dice scalars leave it. It keeps its best model of the two and of earlier rounds privately and
-  writes it at the end (:func:`~fedpsmos.federated.site_round.write_selected_model`).
+  writes it at the end (:func:`~fedpsmos.federated.site_selection.write_selected_model`).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,18 +139,3 @@ def apply_meta(
     if patch_size is not None:
         carried["patch_size"] = [int(p) for p in patch_size]
     return carried
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes: ties a round's record to the global model the round started from.
-
-    Parameters
-    ----------
-    path:
-        The file to digest.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -8,16 +8,14 @@ tries from the same starting state; the fault policy and the other open choices 
 :mod:`fedpsmos.federated.rounds` and docs/federated.md.
 
 Local validation and best-model selection (paper Sec. 4.2): when the site holds validation cases, it scores
-the global model it received and its model after local training on them
-(:mod:`fedpsmos.training.selection`), reports the per-organ Dice of both (``val_dice``, ``val_dice_local``)
-and keeps the better of them and its running best (weights, round, ``global``/``local``, score) in its
-private state; :func:`write_selected_model` writes that model at the end of the federation.
+the global model it received and its model after local training on them, reports the per-organ Dice of both
+(``val_dice``, ``val_dice_local``) and keeps its running best model in its private state
+(:mod:`fedpsmos.federated.site_selection`, which also writes the selected model after the last round).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -28,8 +26,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedpsmos.federated.rounds import POLICIES, RoundError, apply_meta, load_global
-from fedpsmos.organs import ORGANS
+from fedpsmos.data.manifest import Manifest, ManifestError
+from fedpsmos.federated.rounds import POLICIES, RoundError, load_global
+from fedpsmos.federated.site_selection import (
+    best_from_private,
+    best_into_private,
+    score_model,
+    site_validation_from_files,
+    updated_best,
+)
+from fedpsmos.io import resolve_device
 from fedpsmos.training.checkpoint import (
     load_checkpoint,
     load_model_state,
@@ -37,14 +43,7 @@ from fedpsmos.training.checkpoint import (
     save_checkpoint,
 )
 from fedpsmos.training.sampler import SiteData
-from fedpsmos.training.selection import (
-    SelectionError,
-    ValidationCase,
-    case_dice,
-    mean_score,
-    organ_means,
-    validation_cases_from_manifest,
-)
+from fedpsmos.training.selection import ValidationCase
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,8 @@ class SiteRunner:
 
     A per-round rule builds one, loads the private state from file and runs one round; a block worker keeps
     one alive across rounds (the state stays in memory and is also written every round). ``best`` is the
-    site's running best model (``{"round", "which", "score", "model"}``, module docstring), kept privately.
+    site's running best model (``{"round", "which", "score", "model"}``,
+    :func:`~fedpsmos.federated.site_selection.updated_best`), kept privately.
     """
 
     site_data: SiteData  # this site's data and nothing else
@@ -131,7 +131,7 @@ class SiteRunner:
         if site != self.site:
             raise RoundError(f"{private_in}: private state of site {site!r}, expected {self.site!r}")
         self.trainer_state = payload.get("trainer") or None
-        self.best = _best_from_private(payload)
+        self.best = best_from_private(payload)
 
     def run_round(
         self,
@@ -195,7 +195,7 @@ class SiteRunner:
         else:
             weights, state, mean_loss, scored = result
             val_dice, val_dice_local = scored["global"][0], scored["local"][0]
-            self._keep_best(round_index, scored, global_weights, weights)
+            self.best = updated_best(self.best, round_index, scored, global_weights, weights)
         meta = {
             "kind": "federated_site",
             "site": self.site,
@@ -216,37 +216,9 @@ class SiteRunner:
         # holds are the site's own best model, which no other party reads.
         trainer = state if state is not None else {}
         private: dict[str, Any] = {"model": {}, "trainer": trainer, "meta": private_meta}
-        if self.best is not None:
-            private_meta["best"] = {k: self.best[k] for k in ("round", "which", "score")}
-            private["best_model"] = self.best["model"]
-        save_checkpoint(out_private, private)
+        save_checkpoint(out_private, best_into_private(private, self.best))
         self.trainer_state = state
         return meta
-
-    def _keep_best(
-        self,
-        round_index: int,
-        scored: Mapping[str, tuple[dict[str, float], float | None]],
-        global_weights: Mapping[str, Tensor],
-        local_weights: Mapping[str, Tensor],
-    ) -> None:
-        """Update the running best with this round's global, then local model.
-
-        A strictly better score replaces the best, so the earlier model wins a tie; the global model of round
-        ``r - 1`` counts before the local model of round ``r``.
-        """
-        for which, weights, file_round in (
-            ("global", global_weights, round_index - 1),
-            ("local", local_weights, round_index),
-        ):
-            score = scored[which][1]
-            if score is not None and (self.best is None or score > self.best["score"]):
-                self.best = {
-                    "round": file_round,
-                    "which": which,
-                    "score": score,
-                    "model": {k: v.detach().to("cpu", copy=True) for k, v in weights.items()},
-                }
 
     def _model_for(self, network: Mapping[str, Any]) -> torch.nn.Module:
         # Built once per runner: a block worker reuses it across rounds, the weights are reloaded each round.
@@ -294,12 +266,7 @@ class SiteRunner:
 
     def _score(self, model: torch.nn.Module) -> tuple[dict[str, float], float | None]:
         """Per-organ validation Dice and selection score of ``model`` (``{}, None`` without validation)."""
-        if not self.validation:
-            return {}, None
-        per_case = case_dice(
-            model, self.validation, organs=ORGANS, patch_size=self.local.patch_size, device=self.local.device
-        )
-        return organ_means(per_case), mean_score(per_case)
+        return score_model(model, self.validation, patch_size=self.local.patch_size, device=self.local.device)
 
 
 def run_site_round(
@@ -391,11 +358,6 @@ def run_site_round_job(
     )
 
 
-def default_device() -> str:
-    """``cuda`` when a GPU is visible, else ``cpu`` (rules pass no device; the hardware decides)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def site_data_from_files(
     site: str, manifest: str | Path, cases: Sequence[str | Path], patches: str | Path
 ) -> SiteData:
@@ -417,13 +379,10 @@ def site_data_from_files(
         ``results/patches/{site}.parquet``.
     """
     try:
-        data = json.loads(Path(manifest).read_text())
-    except (OSError, ValueError) as exc:
-        raise RoundError(f"{manifest}: cannot read manifest ({exc})") from None
-    if data.get("site") != site:
-        raise RoundError(f"{manifest}: manifest of site {data.get('site')!r}, expected {site!r}")
+        train = sorted(Manifest.load(manifest, site=site).train)
+    except ManifestError as exc:
+        raise RoundError(str(exc)) from None
     given = {Path(p).stem: Path(p) for p in cases}
-    train = sorted(data.get("train") or [])
     missing = [case for case in train if case not in given]
     if missing or not train:
         raise RoundError(f"{manifest}: site {site} training cases missing from the rule's inputs: {missing}")
@@ -449,7 +408,8 @@ def local_settings(
     patch_size:
         ``(z, y, x)``.
     device:
-        ``cpu``, ``cuda`` or ``cuda:N``; ``None``: :func:`default_device`.
+        ``cpu``, ``cuda`` or ``cuda:N``; ``None``: :func:`fedpsmos.io.resolve_device` (rules pass no device;
+        the hardware decides).
     """
     from fedpsmos.training.trainer import TrainSettings
 
@@ -460,88 +420,5 @@ def local_settings(
         loss_spec=loss_spec,
         settings=TrainSettings.from_config(dict(training)),
         patch_size=size,  # type: ignore[arg-type]
-        device=device or default_device(),
+        device=device or str(resolve_device()),
     )
-
-
-def site_validation_from_files(
-    site: str, manifest: str | Path, cases: Sequence[str | Path]
-) -> tuple[ValidationCase, ...]:
-    """A site's validation cases from the files a rule was given (every one must be among ``cases``).
-
-    Parameters
-    ----------
-    site:
-        Site name; must match the manifest.
-    manifest:
-        ``results/data/{site}/manifest.json``; its ``validation`` list (absent or empty: no validation).
-    cases:
-        ``results/preprocessed/{site}/{case}.npz`` handed to the rule.
-    """
-    try:
-        return validation_cases_from_manifest(site, manifest, list(cases))
-    except SelectionError as error:
-        raise RoundError(str(error)) from None
-
-
-def _best_from_private(payload: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The running best model a private state holds, or ``None``."""
-    meta = payload.get("meta", {}).get("best")
-    if not meta:
-        return None
-    return {**meta, "model": dict(payload["best_model"])}
-
-
-def write_selected_model(
-    *,
-    private_state: str | Path,
-    last_global: str | Path,
-    out_model: str | Path,
-    site: str,
-    setting: str,
-    preprocessing: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write a site's locally selected model after the last round; return its meta.
-
-    The model is the best the site kept in its private state (meta ``round``, ``which`` = ``global`` or
-    ``local``, ``score``: it is bit-identical to ``round_{round}/global.pt`` or ``round_{round}/{site}.pt``).
-    A site that never scored a model (no validation cases) gets the final global model, ``which = "final"``.
-
-    Parameters
-    ----------
-    private_state:
-        ``private/{site}/round_{R}.pt`` of the last round ``R`` (the site's own file).
-    last_global:
-        ``round_{R}/global.pt``.
-    out_model:
-        ``results/models/federated/{setting}/selected/{site}.pt``.
-    site, setting:
-        Names recorded in the meta.
-    preprocessing:
-        The resolved preprocessing settings recorded in the meta (default: the last global model's).
-    """
-    private = load_checkpoint(private_state)
-    if private.get("meta", {}).get("site") != site:
-        raise RoundError(f"{private_state}: private state of site {private.get('meta', {}).get('site')!r}")
-    last = int(private["meta"].get("round", -1))
-    final = load_checkpoint(last_global)
-    final_meta = final.get("meta", {})
-    if int(final_meta.get("round", -2)) != last:
-        raise RoundError(f"{last_global}: global model of round {final_meta.get('round')}, expected {last}")
-    best = _best_from_private(private)
-    if best is None:
-        weights, chosen = final["model"], {"round": last, "which": "final", "score": None}
-    else:
-        weights, chosen = best["model"], {k: best[k] for k in ("round", "which", "score")}
-    meta = {
-        "kind": "federated_selected",
-        "setting": setting,
-        "site": site,
-        "network": final_meta.get("network"),
-        "organs": list(final_meta.get("organs") or ORGANS),
-        "rounds": last,
-        "selected": chosen,
-        **apply_meta(final_meta, preprocessing=preprocessing),
-    }
-    save_checkpoint(out_model, {"model": weights, "meta": meta})
-    return meta

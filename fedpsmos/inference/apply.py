@@ -31,17 +31,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fedpsmos.atomic import atomic_directory
 from fedpsmos.inference.predict import (
-    atomic_directory,
     class_lookup,
     load_model,
     oriented_label,
     oriented_to_image,
     predict_probabilities,
 )
+from fedpsmos.io import check_scan, read_image, resolve_device
 from fedpsmos.preprocessing.fingerprint import SETTING_KEYS
 from fedpsmos.preprocessing.orientation import array_to_original, orientation_record, reorient
-from fedpsmos.preprocessing.scan import check_scan, image_to_network_grid, read_image
+from fedpsmos.preprocessing.scan import image_to_network_grid
 from fedpsmos.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -239,15 +240,6 @@ def scan_case(image: sitk.Image, source: Path, settings: dict[str, Any]) -> dict
     }
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise ApplyError(f"--device {device!r}: {_first_line(err)}") from err
-
-
 def _predict_scan(
     scan: Scan,
     net: nn.Module,
@@ -336,7 +328,10 @@ def predict_folder(
     source = Path(input_path)
     if source.exists() and (out.resolve() == source.resolve() or out.resolve() in source.resolve().parents):
         raise ApplyError(f"{out}: the output folder would replace the input {source}; choose another folder")
-    dev = _device(device)
+    try:
+        dev = resolve_device(device)
+    except ValueError as err:
+        raise ApplyError(f"--{err}") from err  # "--device 'name': why", the option as typed
     model_file = Path(model_path)
     try:
         meta = load_checkpoint(model_file).get("meta", {})

@@ -40,8 +40,9 @@ from typing import Any
 
 import torch
 
+from fedpsmos.atomic import atomic_directory
 from fedpsmos.inference.apply import model_settings
-from fedpsmos.inference.predict import atomic_directory, output_classes
+from fedpsmos.inference.predict import output_classes
 from fedpsmos.network import NetworkSpec, NetworkSpecError
 from fedpsmos.training.checkpoint import load_checkpoint
 

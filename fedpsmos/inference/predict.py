@@ -14,11 +14,7 @@ not at all. :mod:`fedpsmos.inference.apply` runs the same steps on scans that we
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,8 +23,11 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from fedpsmos.atomic import atomic_directory
+from fedpsmos.data.manifest import Manifest
 from fedpsmos.inference.probabilities import argmax_on_grid, check_resample
 from fedpsmos.inference.sliding_window import predict_logits
+from fedpsmos.io import resolve_device
 from fedpsmos.network import NetworkSpec, build_network
 from fedpsmos.organs import CLASS_INDEX, CLASSES
 from fedpsmos.preprocessing.orientation import RECORD_KEYS, array_to_original
@@ -235,47 +234,6 @@ def label_to_image(label_zyx: np.ndarray, case: dict[str, np.ndarray]) -> sitk.I
     return oriented_to_image(oriented, case)
 
 
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike[str]):
-    """Yield a temporary directory beside ``target`` that replaces ``target`` only if the block succeeds.
-
-    Parameters
-    ----------
-    target:
-        The directory to produce; an existing one is replaced.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def manifest_test_cases(manifest_path: str | os.PathLike[str]) -> list[str]:
-    """Test case ids of a site's manifest.
-
-    Parameters
-    ----------
-    manifest_path:
-        ``results/data/{site}/manifest.json``.
-    """
-    path = Path(manifest_path)
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read manifest ({error})") from error
-    cases = manifest.get("test")
-    if not isinstance(cases, list) or not cases:
-        raise ValueError(f"{path}: manifest has no 'test' case list")
-    return [str(c) for c in cases]
-
-
 def predict_site(
     *,
     model_path: str | os.PathLike[str],
@@ -310,12 +268,10 @@ def predict_site(
         ``inference.resample``.
     """
     check_resample(resample)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    cases = manifest_test_cases(manifest_path)
+    dev = resolve_device(device)
+    cases = Manifest.load(manifest_path).test
+    if not cases:
+        raise ValueError(f"{manifest_path}: the manifest's test split is empty")
     net, classes = load_model(model_path, dev)
     written = []
     with atomic_directory(out_dir) as tmp:

@@ -14,8 +14,7 @@ is the patient's right -> left, and a left-right mirrored volume shows kidney_le
 same for its lateralised classes).
 
 Differences from nnU-Net's predictor, on purpose: accumulation is in float32 (nnU-Net uses float16, which is
-why its logits differ from ours by about 1e-3), tiles are batched (two per forward pass by default), and
-``accumulate="softmax"`` averages probabilities instead of logits.
+why its logits differ from ours by about 1e-3) and tiles are batched (two per forward pass by default).
 
 Why batches of tiles: on the CPU, PyTorch sends a 3-D convolution whose input has batch 1 and
 ``N*C*D*H <= 20480`` (every layer of a small patch, the first layers of a paper patch) to the unblocked
@@ -85,25 +84,6 @@ def compute_steps(image_size: Sequence[int], patch_size: Sequence[int], step: fl
     return steps
 
 
-def coverage_weights(image_size: Sequence[int], patch_size: Sequence[int], step: float) -> np.ndarray:
-    """Summed Gaussian weight each voxel receives from the tiles (the normaliser of :func:`predict_logits`).
-
-    Where it is tiny (image corners, covered only by a tile's corner) nnU-Net's float16 accumulation loses
-    precision; comparisons with it should look where this weight is reasonable.
-
-    Parameters
-    ----------
-    image_size, patch_size, step:
-        Padded image shape, tile shape and tile step, as in :func:`compute_steps`.
-    """
-    patch = tuple(int(p) for p in patch_size)
-    gaussian = compute_gaussian(patch).astype(np.float64)
-    weights = np.zeros(tuple(int(i) for i in image_size), dtype=np.float64)
-    for start in itertools.product(*compute_steps(image_size, patch, step)):
-        weights[tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))] += gaussian
-    return weights
-
-
 def _padding(image_size: Sequence[int], patch_size: Sequence[int]) -> list[tuple[int, int]]:
     """Before/after padding per axis centring the image in at least the patch (nnU-Net ``pad_nd_image``)."""
     pads = []
@@ -159,7 +139,6 @@ def predict_logits(
     mirror_axes: Sequence[int] = MIRROR_AXES,
     device: torch.device | str | None = None,
     batch_size: int = 2,
-    accumulate: str = "logits",
 ) -> torch.Tensor:
     """Gaussian-weighted sliding-window prediction of a whole ``[Z, Y, X]`` volume (module docstring).
 
@@ -182,16 +161,12 @@ def predict_logits(
         Where the network runs and the sums accumulate; default: the network's parameters' device.
     batch_size:
         Tiles per forward pass (module docstring: 2 or more keeps CPU convolutions on oneDNN).
-    accumulate:
-        ``"logits"`` (nnU-Net's choice) or ``"softmax"`` (average probabilities).
 
     Returns
     -------
-    ``[C, Z, Y, X]`` float32 on ``device``: weighted mean logits (or probabilities); an inference-mode tensor,
+    ``[C, Z, Y, X]`` float32 on ``device``: weighted mean logits (as nnU-Net); an inference-mode tensor,
     so clone it before modifying it in place outside ``torch.inference_mode``.
     """
-    if accumulate not in ("logits", "softmax"):
-        raise ValueError(f"accumulate must be 'logits' or 'softmax', got {accumulate!r}")
     if len(set(mirror_axes)) != len(tuple(mirror_axes)) or not set(mirror_axes) <= {0, 1, 2}:
         raise ValueError(f"mirror_axes must be distinct spatial axes among 0, 1, 2, got {tuple(mirror_axes)}")
     if batch_size < 1:
@@ -233,8 +208,6 @@ def predict_logits(
             with torch.autocast("cuda") if use_autocast else contextlib.nullcontext():
                 out = _mirrored_forward(net, tiles, mirror, mirror_axes)  # b, c, z, y, x
             out = out[: len(slices)].float()
-            if accumulate == "softmax":
-                out = torch.softmax(out, dim=1)
             if summed is None:
                 summed = torch.zeros((out.shape[1], *padded), dtype=torch.float32, device=device)
             out *= gaussian

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from fedpsmos.atomic import write_json
+from fedpsmos.data.manifest import Manifest
 from fedpsmos.losses.checks import validate_inputs
 from fedpsmos.organs import CLASSES, IGNORE_CLASS, NUM_CLASSES
 
@@ -255,15 +256,12 @@ def prior_from_site(
     ValueError
         when a drawn case does not label every class (the prior needs the fully labelled site).
     """
-    from fedpsmos.training.sampler import PatchSampler, SamplerError, site_data_from_manifest
+    from fedpsmos.training.sampler import PatchSampler, site_data_from_manifest
 
     if n_patches < 1:
         raise ValueError(f"n_patches must be >= 1, got {n_patches}")
-    try:
-        site = json.loads(Path(manifest_path).read_text()).get("site")
-    except (OSError, json.JSONDecodeError, AttributeError) as error:
-        raise SamplerError(f"{manifest_path}: cannot read manifest ({error})") from None
-    data = site_data_from_manifest(str(site), manifest_path, npz_dir, patch_index_path)
+    site = Manifest.load(manifest_path).site
+    data = site_data_from_manifest(site, manifest_path, npz_dir, patch_index_path)
     sampler = PatchSampler(
         [data], patch_size=patch_size, patches_per_iteration=1, seed=seed, augment=False, cache_cases=8
     )

@@ -2,7 +2,8 @@
 
 Order of operations, and why:
 
-1. Read image and label with SimpleITK and check they share one grid.
+1. Read image and label and check they share one grid (:func:`fedpsmos.io.read_image_pair`, the reading and
+   tolerance of the site validation).
 2. Apply the site label map in the original grid, so the kidney left/right split uses the original physical
    coordinates (:func:`fedpsmos.data.label_map.apply_label_map_image`); background values become 0 and
    ignored values :data:`fedpsmos.organs.IGNORE_CLASS` (255), which nearest-neighbour resampling keeps.
@@ -19,7 +20,6 @@ Order of operations, and why:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,11 +30,12 @@ import SimpleITK as sitk
 
 from fedpsmos.atomic import atomic_path
 from fedpsmos.data.label_map import LabelMap, apply_label_map_image, as_label_map
+from fedpsmos.data.manifest import Manifest
+from fedpsmos.io import ImageError, read_image_pair
 from fedpsmos.organs import CLASS_INDEX, IGNORE_CLASS, LabelMapError, labelled_mask
 from fedpsmos.preprocessing.orientation import RECORD_KEYS, orientation_record, reorient
 from fedpsmos.preprocessing.resample import resample_array
 from fedpsmos.preprocessing.scan import PreprocessingError, check_settings, image_to_network_grid
-from fedpsmos.preprocessing.scan import read_image as _read
 
 NPZ_KEYS = (
     "image",
@@ -47,21 +48,6 @@ NPZ_KEYS = (
     "sitk_direction",
     *RECORD_KEYS,
 )
-
-
-def _check_same_grid(image: sitk.Image, label: sitk.Image, label_path: Path) -> None:
-    """Raise if the label's size, spacing, origin or direction differ from the image's."""
-    if image.GetSize() != label.GetSize():
-        raise PreprocessingError(
-            f"{label_path}: label size {label.GetSize()} != image size {image.GetSize()}"
-        )
-    for name, a, b, tol in (
-        ("spacing", image.GetSpacing(), label.GetSpacing(), 1e-3),
-        ("origin", image.GetOrigin(), label.GetOrigin(), 1e-2),
-        ("direction", image.GetDirection(), label.GetDirection(), 1e-3),
-    ):
-        if not np.allclose(a, b, atol=tol, rtol=0):
-            raise PreprocessingError(f"{label_path}: label {name} {tuple(b)} != image {name} {tuple(a)}")
 
 
 def preprocess_case(
@@ -113,9 +99,10 @@ def preprocess_case(
         organs = label_map.organs
     except LabelMapError as err:
         raise PreprocessingError(f"{label_path}: {err}") from err
-    image = _read(image_path, "image")
-    label = _read(label_path, "label")
-    _check_same_grid(image, label, label_path)
+    try:
+        image, label = read_image_pair(image_path, label_path)
+    except ImageError as err:
+        raise PreprocessingError(str(err)) from err
     try:
         global_label = apply_label_map_image(label, label_map)
     except LabelMapError as err:
@@ -168,7 +155,8 @@ def preprocess_manifest_case(
     Parameters
     ----------
     manifest_path:
-        The site manifest JSON (docs/architecture.md "Manifest"); image/label paths as written there.
+        The site manifest JSON (docs/architecture.md "Manifest"); image/label paths resolved by
+        :class:`fedpsmos.data.manifest.Manifest`.
     case:
         Case id.
     out_npz:
@@ -177,20 +165,10 @@ def preprocess_manifest_case(
         Keyword arguments of :func:`preprocess_case` other than ``labels`` (``spacing``, ``image_order``,
         ``clip``, ``mean``, ``std``).
     """
-    manifest_path = Path(manifest_path)
     if "labels" in settings:
         raise PreprocessingError(f"{manifest_path}: the label map comes from the manifest; pass no labels")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        entries = [e for e in manifest["cases"] if e["case"] == case]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise PreprocessingError(f"{manifest_path}: cannot read the manifest's cases: {err}") from err
-    try:
-        label_map = LabelMap.from_manifest(manifest)
-    except LabelMapError as err:
-        raise PreprocessingError(f"{manifest_path}: {err}") from err
-    if len(entries) != 1:
-        raise PreprocessingError(
-            f"{manifest_path}: case {case!r} appears {len(entries)} times in the manifest"
-        )
-    return preprocess_case(entries[0]["image"], entries[0]["label"], out_npz, labels=label_map, **settings)
+    manifest = Manifest.load(manifest_path)
+    if case not in manifest.case_ids:
+        raise PreprocessingError(f"{manifest_path}: case {case!r} is not in the manifest's cases")
+    record = manifest.case(case)
+    return preprocess_case(record.image, record.label, out_npz, labels=manifest.label_map, **settings)

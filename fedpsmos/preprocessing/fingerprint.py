@@ -36,7 +36,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from fedpsmos.atomic import write_json
-from fedpsmos.data.label_map import LabelMap, apply_label_map_image
+from fedpsmos.data.label_map import apply_label_map_image
+from fedpsmos.data.manifest import Manifest
+from fedpsmos.io import ImageError, read_image_pair
 from fedpsmos.organs import NUM_CLASSES, LabelMapError
 from fedpsmos.preprocessing.orientation import reorient
 
@@ -141,14 +143,6 @@ def histogram_percentile(counts: np.ndarray, underflow: int, overflow: int, q: f
 # ---------------------------------------------------------------- one site
 
 
-def _read(path: Path, what: str) -> sitk.Image:
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unreadable"
-        raise FingerprintError(f"{path}: cannot read {what}: {first}") from err
-
-
 def case_summary(
     image_path: str | os.PathLike[str], label_path: str | os.PathLike[str], labels: Any
 ) -> tuple[list[float], dict[str, Any], dict[str, Any]]:
@@ -162,10 +156,10 @@ def case_summary(
         The site's resolved :class:`~fedpsmos.data.label_map.LabelMap` (or a plain ``{organ: [values]}``).
     """
     image_path, label_path = Path(image_path), Path(label_path)
-    image = _read(image_path, "image")
-    label = _read(label_path, "label")
-    if image.GetSize() != label.GetSize():
-        raise FingerprintError(f"{label_path}: label size {label.GetSize()} != image size {image.GetSize()}")
+    try:
+        image, label = read_image_pair(image_path, label_path)
+    except ImageError as err:
+        raise FingerprintError(str(err)) from err
     try:
         mapped = apply_label_map_image(label, labels)
     except LabelMapError as err:
@@ -193,15 +187,9 @@ def site_fingerprint(manifest_path: str | os.PathLike[str]) -> dict[str, Any]:
         ``{kind, site, cases, spacings, histogram: {low, high, counts, underflow, overflow}, moments}``;
         JSON-ready, its size bounded by the number of cases and :data:`N_BINS`.
     """
-    manifest_path = Path(manifest_path)
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        labels = LabelMap.from_manifest(manifest)  # the resolved organ, background and ignore values
-        entries = {e["case"]: e for e in manifest["cases"]}
-        chosen = [*manifest["train"], *manifest.get("validation", [])]
-        files = [(entries[c]["image"], entries[c]["label"]) for c in chosen]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise FingerprintError(f"{manifest_path}: cannot read the manifest's cases: {err!r}") from err
+    manifest = Manifest.load(manifest_path)
+    labels = manifest.label_map  # the resolved organ, background and ignore values
+    files = [(r.image, r.label) for r in manifest.records([*manifest.train, *manifest.validation])]
     if not files:
         raise FingerprintError(f"{manifest_path}: no training or validation cases to summarise")
     spacings, parts = [], []
@@ -216,7 +204,7 @@ def site_fingerprint(manifest_path: str | os.PathLike[str]) -> dict[str, Any]:
         parts.append(stats)
     return {
         "kind": FINGERPRINT_KIND,
-        "site": str(manifest.get("site", "")),
+        "site": manifest.site,
         "cases": len(files),
         "spacings": sorted(spacings),  # sorted: no case order, no case ids
         "histogram": {

@@ -1,10 +1,11 @@
-"""Read a CT scan and bring its intensities to the network's grid: the image half of preprocessing.
+"""Bring a CT scan's intensities to the network's grid: the image half of preprocessing.
 
 Shared by :func:`fedpsmos.preprocessing.case.preprocess_case` (training and test cases of the workflow) and
-:func:`fedpsmos.inference.apply.predict_folder` (new scans from the command line), so that a model sees a
-new scan exactly as it saw its training data: reoriented to :data:`~fedpsmos.preprocessing.orientation.
-CANONICAL`, clipped and normalised (:func:`~fedpsmos.preprocessing.normalise.normalise_ct`), then resampled
-to the target spacing (:func:`~fedpsmos.preprocessing.resample.resample_array`).
+:func:`fedpsmos.inference.apply.predict_folder` (new scans from the command line), both reading the scan with
+:func:`fedpsmos.io.read_image`, so that a model sees a new scan exactly as it saw its training data:
+reoriented to :data:`~fedpsmos.preprocessing.orientation.CANONICAL`, clipped and normalised
+(:func:`~fedpsmos.preprocessing.normalise.normalise_ct`), then resampled to the target spacing
+(:func:`~fedpsmos.preprocessing.resample.resample_array`).
 """
 
 from __future__ import annotations
@@ -21,45 +22,6 @@ from fedpsmos.preprocessing.resample import resample_array
 
 class PreprocessingError(ValueError):
     """An image/label pair cannot be preprocessed (unreadable, mismatched grids, unknown label values)."""
-
-
-def check_scan(image: sitk.Image, path: str | Path, what: str = "image") -> sitk.Image:
-    """Return ``image`` if it is a 3-D scalar image, else raise :class:`PreprocessingError` naming ``path``.
-
-    Parameters
-    ----------
-    image:
-        The image as read.
-    path, what:
-        The file (or DICOM folder) it came from and what it is, for the message.
-    """
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise PreprocessingError(
-            f"{path}: {what} must be a 3-D scalar image, got {image.GetDimension()}-D with "
-            f"{image.GetNumberOfComponentsPerPixel()} components"
-        )
-    return image
-
-
-def read_image(path: str | Path, what: str = "image") -> sitk.Image:
-    """Read a 3-D scalar image file, raising :class:`PreprocessingError` naming the file.
-
-    Parameters
-    ----------
-    path:
-        Any file SimpleITK reads (NIfTI, MetaImage, NRRD...).
-    what:
-        What the file is (``image``, ``label``), for the message.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise PreprocessingError(f"{path}: {what} file not found")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unreadable"
-        raise PreprocessingError(f"{path}: cannot read {what}: {first}") from err
-    return check_scan(image, path, what)
 
 
 def check_settings(source: str | Path, *, spacing: Sequence[float], image_order: int) -> None:

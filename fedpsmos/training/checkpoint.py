@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import random
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -191,31 +190,6 @@ def to_cpu(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(to_cpu(v) for v in obj)
     return obj
-
-
-def python_random_state(rng: random.Random) -> dict[str, Any]:
-    """A ``random.Random`` state as plain data (weights-only loadable).
-
-    Parameters
-    ----------
-    rng:
-        the generator.
-    """
-    version, internal, gauss = rng.getstate()
-    return {"version": version, "internal": list(internal), "gauss": gauss}
-
-
-def set_python_random_state(rng: random.Random, state: Mapping[str, Any]) -> None:
-    """Restore a state from :func:`python_random_state`.
-
-    Parameters
-    ----------
-    rng:
-        the generator to restore.
-    state:
-        the saved state.
-    """
-    rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
 
 
 def numpy_generator_state(rng: np.random.Generator) -> dict[str, Any]:

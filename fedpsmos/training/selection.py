@@ -14,7 +14,6 @@ so scoring never changes a training run's random streams.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedpsmos.data.manifest import Manifest
 from fedpsmos.evaluation.metrics import dice
 from fedpsmos.inference.sliding_window import predict_logits
 from fedpsmos.organs import CLASS_INDEX, IGNORE_CLASS, ORGANS
@@ -59,13 +59,7 @@ def validation_cases_from_manifest(
         ``results/preprocessed/{site}`` (the folder holding ``{case}.npz``), or the list of ``.npz`` files a
         rule was given, which must then include every validation case.
     """
-    try:
-        data = json.loads(Path(manifest).read_text())
-    except (OSError, ValueError) as error:
-        raise SelectionError(f"{manifest}: cannot read manifest ({error})") from None
-    if data.get("site") != site:
-        raise SelectionError(f"{manifest}: manifest of site {data.get('site')!r}, expected {site!r}")
-    names = [str(c) for c in data.get("validation") or []]
+    names = Manifest.load(manifest, site=site).validation
     if isinstance(npz, str | Path):
         return tuple(ValidationCase(site, c, Path(npz) / f"{c}.npz") for c in names)
     given = {Path(p).stem: Path(p) for p in npz}

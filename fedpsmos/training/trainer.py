@@ -29,7 +29,6 @@ Training runs in float32 (no autocast), the same on both devices.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fedpsmos.io import file_sha256, resolve_device
 from fedpsmos.losses import DeepSupervisionLoss, build_loss
 from fedpsmos.network import NetworkSpec, build_network, freeze
 from fedpsmos.training.checkpoint import (
@@ -114,19 +114,6 @@ class TrainSettings:
             )
         except KeyError as error:
             raise KeyError(f"config training: missing key {error.args[0]!r}") from None
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device to train on: ``device`` if given, else CUDA when available, else the CPU.
-
-    Parameters
-    ----------
-    device:
-        ``None`` (auto), a name such as ``"cpu"``/``"cuda:0"``, or a device.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class Trainer:
@@ -298,18 +285,6 @@ def _plain(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
-def _file_sha256(path: Path) -> str:
-    """SHA-256 of a file, so a resume checkpoint is only reused with the very same initial weights."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError as error:
-        raise TrainingError(f"{path}: cannot read initial weights ({error.strerror})") from None
-    return digest.hexdigest()
-
-
 def load_initial_weights(model: nn.Module, init: Path, spec: NetworkSpec) -> None:
     """Load ``init``'s weights into ``model`` strictly, refusing a checkpoint of another network.
 
@@ -413,7 +388,7 @@ def train_model(
             "settings": asdict(settings),
             "loss": loss_spec,
             "init": str(init) if init else None,
-            "init_sha256": _file_sha256(Path(init)) if init else None,
+            "init_sha256": file_sha256(init) if init else None,
             "class_map": None if class_map is None else [int(c) for c in class_map],
             "sites": [s.site for s in sites],
             "validation_cases": [f"{v.site}/{v.case}" for v in validation],

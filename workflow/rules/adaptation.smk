@@ -5,7 +5,7 @@
 rule adapt_model:
     input:
         unpack(get_site_data),
-        init=f"results/models/federated/{DEFAULT_SETTING}/model.pt",
+        init=f"results/models/federated/{PLAN.default_setting}/model.pt",
         settings="results/preprocessed/settings.json",
     output:
         model="results/models/adapted/{mode}/{site}/model.pt",
@@ -27,7 +27,7 @@ rule adapt_model:
     params:
         kind="adapted",
         sites=get_site_descriptor,
-        loss=COMBINATIONS[LOSSES["default"]],
+        loss=PLAN.default_combination,
         epochs=config["adaptation"]["epochs"],
         freeze_mode=get_adaptation_freeze,
         organs=list(ORGANS),

@@ -7,7 +7,7 @@ rule predict_site:
         unpack(get_site_data),
         model=get_model_file,
     output:
-        predictions=directory("results/{model}/{site}/predictions"),
+        predictions=directory("results/evaluation/{model}/{site}/predictions"),
     log:
         "logs/predict_site/{model}/{site}.log",
     benchmark:
@@ -28,10 +28,10 @@ rule predict_site:
 
 rule evaluate_site:
     input:
-        predictions="results/{model}/{site}/predictions",
+        predictions="results/evaluation/{model}/{site}/predictions",
         manifest="results/data/{site}/manifest.json",
     output:
-        metrics="results/{model}/{site}/metrics.csv",
+        metrics="results/evaluation/{model}/{site}/metrics.csv",
     log:
         "logs/evaluate_site/{model}/{site}.log",
     conda:

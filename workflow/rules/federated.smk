@@ -20,7 +20,7 @@ rule init_federation:
         "../../scripts/init_federation.py"
 
 
-if ROUNDS_PER_JOB == 1:
+if PLAN.per_round:
 
     rule train_site_round:
         input:
@@ -43,7 +43,7 @@ if ROUNDS_PER_JOB == 1:
             site="{site}",
             round="{r}",
             local_iterations=get_local_iterations,
-            loss=COMBINATIONS[LOSSES["default"]],
+            loss=PLAN.default_combination,
             training=config["training"],
             patch_size=config["patches"]["size"],
             seed=config["seed"],
@@ -93,7 +93,7 @@ else:
             rounds=get_block_rounds,
             sites=SITES,
             local_iterations=get_local_iterations,
-            loss=COMBINATIONS[LOSSES["default"]],
+            loss=PLAN.default_combination,
             training=config["training"],
             patch_size=config["patches"]["size"],
             seed=config["seed"],

@@ -1,10 +1,11 @@
-# The paper's tables (2-6) and figures, rebuilt from whatever metrics exist; `snakemake paper` builds them.
+# The paper's tables (2-6) and figures from every evaluated model's metrics (each one is an input, so
+# `snakemake paper` builds whatever is missing first).
 
 
 rule make_tables:
     input:
-        metrics=get_all_metrics(),
-        benchmarks=get_table5_benchmark_list(),
+        metrics=PLAN.all_metrics(),
+        benchmarks=PLAN.table5_benchmark_list(),
     output:
         tables=[
             report(
@@ -21,27 +22,27 @@ rule make_tables:
     conda:
         "../../envs/plotting.yaml"
     params:
-        central_losses=CENTRAL_LOSSES,
-        margexc=LOSSES["margexc"],
-        default_losses=LOSSES["default"],
-        settings=SETTINGS,
-        default_setting=DEFAULT_SETTING,
-        modes=MODES,
-        benchmarks=get_table5_benchmarks(),
+        central_losses=PLAN.central_losses,
+        margexc=config["losses"]["margexc"],
+        default_losses=PLAN.default_losses,
+        settings=PLAN.settings,
+        default_setting=PLAN.default_setting,
+        modes=PLAN.modes,
+        benchmarks=PLAN.table5_benchmarks(),
         hd95=config.get("evaluation", {}).get("hd95", "max"),
-        budgets=get_budgets(),
-        baselines=BASELINES,
+        budgets=PLAN.budgets(),
+        baselines=PLAN.baselines,
     script:
         "../../scripts/make_tables.py"
 
 
 rule make_figures:
     input:
-        metrics=get_all_metrics(),
-        predictions=get_all_predictions(),
+        metrics=PLAN.all_metrics(),
+        predictions=PLAN.all_predictions(),
         manifests=expand("results/data/{site}/manifest.json", site=SITES),
-        curves=get_training_curves(),
-        federated_curves=get_federated_curves(),
+        curves=PLAN.training_curves(),
+        federated_curves=PLAN.federated_curves(),
     output:
         dice=report(
             "results/paper/fig_dice_per_organ.png",
@@ -72,12 +73,11 @@ rule make_figures:
     conda:
         "../../envs/plotting.yaml"
     params:
-        qualitative_models=get_qualitative_models(),
+        qualitative_models=PLAN.qualitative_models(),
     script:
         "../../scripts/make_figures.py"
 
 
 rule paper:
     input:
-        PAPER_TABLES,
-        PAPER_FIGURES,
+        PLAN.paper_outputs(),

@@ -5,7 +5,7 @@
 
 rule pretrain:
     input:
-        data=sites_inputs(FULL_SITES),
+        data=PLAN.sites_inputs(PLAN.full_sites),
         settings="results/preprocessed/settings.json",
     output:
         model="results/models/pretrain/model.pt",
@@ -26,8 +26,8 @@ rule pretrain:
         gpu=1,
     params:
         kind="pretrain",
-        sites=[site_descriptor(s) for s in FULL_SITES],
-        loss=COMBINATIONS[LOSSES["default"]],
+        sites=[PLAN.site_descriptor(s) for s in PLAN.full_sites],
+        loss=PLAN.default_combination,
         epochs=config["training"]["pretrain_epochs"],
         freeze_mode="full",
         organs=list(ORGANS),
@@ -42,7 +42,7 @@ rule pretrain:
 rule train_central:
     input:
         init="results/models/pretrain/model.pt",
-        data=sites_inputs(SITES),
+        data=PLAN.sites_inputs(SITES),
         settings="results/preprocessed/settings.json",
     output:
         model="results/models/central/{losses}/model.pt",
@@ -63,7 +63,7 @@ rule train_central:
         gpu=1,
     params:
         kind="central",
-        sites=[site_descriptor(s) for s in SITES],
+        sites=[PLAN.site_descriptor(s) for s in SITES],
         loss=get_loss,
         epochs=config["training"]["central_epochs"],
         freeze_mode="full",
@@ -114,7 +114,7 @@ rule train_site_alone:
 
 rule organ_prior:
     input:
-        data=sites_inputs(FULL_SITES[:1]),
+        data=PLAN.sites_inputs(PLAN.full_sites[:1]),
     output:
         prior="results/models/baseline/panns/prior.json",
     log:
@@ -122,7 +122,7 @@ rule organ_prior:
     conda:
         "../../envs/training.yaml"
     params:
-        site=site_descriptor(FULL_SITES[0]),
+        site=PLAN.site_descriptor(PLAN.full_sites[0]),
         patch_size=config["patches"]["size"],
         patches=config.get("baselines", {}).get("panns", {}).get("prior_patches", 200),
         seed=config["seed"],
@@ -133,7 +133,7 @@ rule organ_prior:
 rule train_baseline:
     input:
         unpack(get_baseline_inputs),
-        data=sites_inputs(SITES),
+        data=PLAN.sites_inputs(SITES),
         settings="results/preprocessed/settings.json",
     output:
         model="results/models/baseline/{method}/model.pt",
@@ -154,7 +154,7 @@ rule train_baseline:
         gpu=1,
     params:
         kind="baseline",
-        sites=[site_descriptor(s) for s in SITES],
+        sites=[PLAN.site_descriptor(s) for s in SITES],
         loss=get_baseline_loss,
         epochs=get_baseline_epochs,
         freeze_mode="full",
