@@ -1,6 +1,6 @@
 """Snakemake entry point of rule train_site_round: one site's local round -> round_{r}/{site}.pt + private.
 
-The rule gives this site's files only (manifest, training .npz, patch index) plus the previous global model
+The rule gives this site's files only (manifest, training cases, patch index) plus the previous global model
 and the site's own private state; ``input.private`` is ``""`` (or absent) in round 1.
 """
 
@@ -35,6 +35,7 @@ def main(snakemake) -> None:
         out_site=snakemake.output.site_model,
         out_private=snakemake.output.private,
         device=params.get("device"),
+        threads=int(snakemake.threads),  # training.workers: auto -> threads - 1 batch workers
     )
 
 

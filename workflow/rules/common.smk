@@ -81,7 +81,7 @@ def get_raw_site(wildcards):
 
 def site_npz(site):
     return expand(
-        "results/preprocessed/{site}/{case}.npz", site=site, case=site_case_ids(site)
+        "results/preprocessed/{site}/{case}.b2zip", site=site, case=site_case_ids(site)
     )
 
 
