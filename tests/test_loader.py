@@ -47,11 +47,11 @@ def _children() -> list[int]:
     return [int(p.pid) for p in mp.active_children() if p.pid is not None]
 
 
-def test_workers_setting_follows_the_jobs_threads() -> None:
-    assert (
-        resolve_workers("auto", 8) == 7 and resolve_workers("auto", 1) == 0 and resolve_workers(None, 3) == 2
-    )
-    assert resolve_workers(0, 8) == 0 and resolve_workers(3, 1) == 3
+def test_workers_setting_follows_the_jobs_threads_on_a_gpu_and_is_none_on_the_cpu() -> None:
+    assert resolve_workers("auto", 8, "cuda") == 7 and resolve_workers("auto", 1, "cuda:1") == 0
+    assert resolve_workers(None, 3, "cuda") == 2
+    assert resolve_workers("auto", 8, "cpu") == 0 and resolve_workers(None, 3, torch.device("cpu")) == 0
+    assert resolve_workers(0, 8, "cuda") == 0 and resolve_workers(3, 1, "cpu") == 3
     for bad in (-1, "two", 1.5, True):
         with pytest.raises(ValueError, match="training.workers"):
             resolve_workers(bad, 4)  # type: ignore[arg-type]

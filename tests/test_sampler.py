@@ -302,3 +302,35 @@ def test_augmentation_is_a_function_of_the_generator_and_keeps_classes() -> None
     assert a[0].shape == image.shape and a[1].dtype == torch.int64
     assert set(torch.unique(a[1]).tolist()) <= {0, 1, 2}
     assert all(math.isfinite(v) for v in a[0].flatten().tolist())
+
+
+def test_extended_augmentation_cuts_the_enlarged_crop_centred_on_the_patch(tmp_path: Path) -> None:
+    # Prepare: extended settings whose rotation and scaling are drawn but do nothing, and no other transform,
+    # so the augmented batch is the centre of the enlarged crop: the plain patch, if the crop is centred
+    site = write_site(tmp_path, "site1", ("liver", "spleen"), cases=2, shape=(12, 24, 24))
+    patch = (4, 16, 16)  # enlarged to (4, 18, 18): the crop starts one voxel before the patch in y and x
+    still = AugmentationSettings(
+        extended=True,
+        p_rotation=1.0,
+        rotation=0.0,
+        p_scaling=0.0,
+        p_noise=0.0,
+        p_blur=0.0,
+        p_brightness=0.0,
+        p_contrast=0.0,
+        p_low_resolution=0.0,
+        p_gamma_inverted=0.0,
+        p_gamma=0.0,
+        p_mirror=0.0,
+    )
+    plain = PatchSampler([site], patch_size=patch, patches_per_iteration=2, seed=3, augment=False)
+    enlarged = PatchSampler(
+        [site], patch_size=patch, patches_per_iteration=2, seed=3, augment=True, augmentation=still
+    )
+    # Execute
+    batches = [(plain.batch(i), enlarged.batch(i)) for i in range(6)]
+    # Assert
+    assert enlarged.crop_size == (4, 18, 18)
+    for (image, target, _), (image_e, target_e, _) in batches:
+        assert image_e.shape == image.shape and torch.equal(target_e, target)
+        assert torch.allclose(image_e, image, atol=1e-5)

@@ -13,8 +13,9 @@ global model. It keeps its trainer state (and, with validation cases, its runnin
 between rounds and writes it every round. On CUDA worker ``i`` takes ``cuda:{i % n_gpus}``.
 
 Batch workers: the job's threads are split evenly among the sites (``threads_per_worker``), and each site
-worker makes its batches with ``threads_per_worker - 1`` background processes
-(:mod:`fedpsmos.training.loader`; with ``training.workers`` an integer, at most that many), started once
+worker on a GPU makes its batches with ``threads_per_worker - 1`` background processes
+(:mod:`fedpsmos.training.loader`; none on the CPU under ``training.workers: auto``; with an integer, at most
+that many), started once
 for the whole block, and trains with the remaining torch thread(s). A block of K sites therefore runs at
 most ``threads`` processes in all (the paper profile: 4 GPUs x 8 cores = 32 threads, 5 sites: 6 each, 5
 batch workers a site), never K x N without bound.

@@ -491,19 +491,21 @@ def local_settings(
     device:
         ``cpu``, ``cuda`` or ``cuda:N``; ``None``: :func:`default_device`.
     threads:
-        the job's threads: ``training.workers: auto`` gives ``threads - 1`` batch workers.
+        the job's threads: ``training.workers: auto`` gives ``threads - 1`` batch workers on CUDA, none on
+        the CPU (:func:`fedpsmos.training.loader.resolve_workers`).
     """
     from fedpsmos.training.trainer import TrainSettings
 
     size = tuple(int(s) for s in patch_size)
     if len(size) != 3:
         raise ValueError(f"patch_size must have three entries (z, y, x), got {list(patch_size)}")
+    device = device or default_device()
     return LocalSettings(
         loss_spec=loss_spec,
         settings=TrainSettings.from_config(dict(training)),
         patch_size=size,  # type: ignore[arg-type]
-        device=device or default_device(),
-        workers=resolve_workers(training.get("workers", "auto"), threads),
+        device=device,
+        workers=resolve_workers(training.get("workers", "auto"), threads, device),
     )
 
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fedpsmos.training.augmentation import augment_batch
+from fedpsmos.training.augmentation import augment_batch, augmentation_settings, resolve_extended_augmentation
 from fedpsmos.training.sampler import PatchSampler, SiteData, augmentation_rng
 
 if TYPE_CHECKING:
@@ -63,19 +63,27 @@ class Batch(NamedTuple):
     opened: tuple[str, ...]  # case files the worker opened for this batch (the site boundary, tested)
 
 
-def resolve_workers(setting: int | str | None, threads: int) -> int:
+def resolve_workers(setting: int | str | None, threads: int, device: str | torch.device | None = None) -> int:
     """The number of loader worker processes for a ``training.workers`` setting and a job's threads.
+
+    ``auto`` is what nnU-Net does on a GPU: the job's other threads make batches while the GPU trains. On the
+    CPU the training step itself needs every thread, and the CPU path's batches (no blur, no low-resolution
+    simulation, no enlarged crop) cost a small part of a CPU step, so ``auto`` makes them in the training
+    thread there (a worker process would also cost a start-up per job, seconds for importing torch).
 
     Parameters
     ----------
     setting:
-        ``"auto"`` (or ``None``): ``threads - 1``, one thread left to the training process; an int >= 0:
-        that many (0: batches in the training thread).
+        ``"auto"`` (or ``None``): ``threads - 1`` on CUDA, one thread left to the training process, and 0
+        on the CPU; an int >= 0: that many (0: batches in the training thread).
     threads:
         the job's threads (Snakemake's ``threads``).
+    device:
+        where training runs; ``None``: CUDA if available.
     """
     if setting is None or setting == "auto":
-        return max(0, int(threads) - 1)
+        on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        return max(0, int(threads) - 1) if on_gpu else 0
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
         raise ValueError(f"training.workers must be 'auto' or an integer >= 0, got {setting!r}")
     return setting
@@ -245,6 +253,11 @@ def training_sampler(
         augment=settings.augmentation and device.type != "cuda",
         class_map=class_map,
         site_sampling=settings.site_sampling,
+        augmentation=(
+            augmentation_settings(resolve_extended_augmentation(settings.extended_augmentation, device))
+            if settings.augmentation
+            else None
+        ),
     )
 
 
@@ -311,7 +324,13 @@ class BatchFeed:
         target = target.to(self.device, non_blocking=non_blocking).long()
         labelled = labelled.to(self.device, non_blocking=non_blocking)
         if self.augment_on_device:
-            image, target = augment_batch(image, target, augmentation_rng(self.sampler.seed, iteration))
+            image, target = augment_batch(
+                image,
+                target,
+                augmentation_rng(self.sampler.seed, iteration),
+                self.sampler.augmentation,
+                patch_size=self.sampler.patch_size,
+            )
         return image, target, labelled
 
     def restart(self) -> None:

@@ -105,5 +105,7 @@ def train_from_params(params: Mapping[str, Any], output: Mapping[str, str | Path
         meta=meta,
         patch_size=[int(p) for p in params["patch_size"]],
         validation=validation,
-        workers=resolve_workers(params["training"].get("workers", "auto"), int(params.get("threads", 1))),
+        workers=resolve_workers(
+            params["training"].get("workers", "auto"), int(params.get("threads", 1)), params.get("device")
+        ),
     )

@@ -37,7 +37,8 @@ import torch
 
 from fedpsmos.organs import IGNORE_CLASS, NUM_CLASSES
 from fedpsmos.preprocessing.storage import CaseFile, CaseStorageError, case_path, open_case
-from fedpsmos.training.augmentation import augment_batch
+from fedpsmos.training.augmentation import AugmentationSettings, augment_batch, input_patch_size
+from fedpsmos.training.transforms import crop_offset
 
 INDEX_COLUMNS = ("case", "z", "y", "x")
 SITE_SAMPLING = ("proportional", "uniform")
@@ -195,6 +196,7 @@ class PatchSampler:
         class_map: np.ndarray | None = None,
         cache_cases: int = 64,
         site_sampling: str = "proportional",
+        augmentation: AugmentationSettings | None = None,
     ) -> None:
         """Read the sites' patch indices (the cases themselves are opened on first use).
 
@@ -217,6 +219,11 @@ class PatchSampler:
             how many opened cases to keep (least recently used are closed).
         site_sampling:
             ``proportional`` (a site with probability ``n_k / n``, as pooled data) or ``uniform``.
+        augmentation:
+            the augmentation the batches get, here (``augment``) or on the training device; with the
+            extended transforms each sample is cut at :func:`~fedpsmos.training.augmentation.input_patch_size`
+            around the patch (nnU-Net's enlarged crop) and brought back to ``patch_size`` by the augmentation.
+            ``None``: no augmentation anywhere (then ``augment`` must be false), or the default settings.
         """
         if not sites:
             raise SamplerError("no site to sample from")
@@ -234,6 +241,12 @@ class PatchSampler:
         self.class_map = class_map
         self.batch_size = int(patches_per_iteration)
         self.augment = bool(augment)
+        self.augmentation = augmentation if augmentation is not None else AugmentationSettings()
+        # What each sample is cut at: the patch, or the enlarged crop of the extended augmentation.
+        self.crop_size = (
+            input_patch_size(self.patch_size, augmentation) if augmentation is not None else self.patch_size
+        )
+        self._crop_shift = np.asarray(crop_offset(self.crop_size, self.patch_size))
         self.seed = int(seed)
         self.iteration = 0  # the next batch of next_batch(); the only state that changes while sampling
         self._indices = [_read_index(s) for s in sites]
@@ -272,7 +285,16 @@ class PatchSampler:
             for i in self._indices
         )
         class_map = None if self.class_map is None else tuple(int(c) for c in self.class_map)
-        return (sites, self.patch_size, self.batch_size, self.augment, class_map, self.site_sampling)
+        return (
+            sites,
+            self.patch_size,
+            self.crop_size,
+            self.batch_size,
+            self.augment,
+            self.augmentation,
+            class_map,
+            self.site_sampling,
+        )
 
     def _case(self, s: int, code: int) -> tuple[CaseFile, np.ndarray]:
         key = (s, code)
@@ -308,11 +330,13 @@ class PatchSampler:
         self, s: int, code: int, corner: tuple[int, int, int]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         case, labelled = self._case(s, code)
+        z, y, x = (int(c) for c in np.subtract(corner, self._crop_shift))  # the crop centred on the patch
+        corner = (z, y, x)
         try:
             # Outside the image is air-like: pad with the case's minimum intensity and background labels
             # (known background, not the ignore label: nnU-Net also pads labels as background).
-            image = crop_patch(case.image, corner, self.patch_size, case.image_min)
-            label = crop_patch(case.label, corner, self.patch_size, 0)
+            image = crop_patch(case.image, corner, self.crop_size, case.image_min)
+            label = crop_patch(case.label, corner, self.crop_size, 0)
         except (OSError, ValueError, RuntimeError) as error:
             raise SamplerError(f"{case.path}: cannot read a patch at {list(corner)} ({error})") from None
         if self.class_map is not None:
@@ -370,7 +394,13 @@ class PatchSampler:
         target_t = torch.from_numpy(np.stack(targets)[:, None].astype(np.int64))  # b, 1, z, y, x
         mask_t = torch.from_numpy(np.stack(masks))  # b, k
         if self.augment if augment is None else augment:
-            image_t, target_t = augment_batch(image_t, target_t, augmentation_rng(seed, iteration))
+            image_t, target_t = augment_batch(
+                image_t,
+                target_t,
+                augmentation_rng(seed, iteration),
+                self.augmentation,
+                patch_size=self.patch_size,
+            )
         return image_t, target_t, mask_t
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -94,6 +94,7 @@ class TrainSettings:
     validation_every: int = 1
     site_sampling: str = "proportional"
     precision: str = "auto"
+    extended_augmentation: str | bool = "auto"
 
     @classmethod
     def from_config(cls, training: Mapping[str, Any]) -> TrainSettings:
@@ -104,7 +105,8 @@ class TrainSettings:
         training:
             the section: patches_per_iteration, iterations_per_epoch, lr, momentum, weight_decay,
             plateau {window, min_decrease, factor}, augmentation, optional validation_every (default 1),
-            site_sampling and precision (default ``auto``; other keys, e.g. epochs, are ignored).
+            site_sampling, precision and extended_augmentation (both default ``auto``; other keys, e.g.
+            epochs, are ignored).
         """
         try:
             plateau = training["plateau"]
@@ -121,6 +123,7 @@ class TrainSettings:
                 validation_every=int(training.get("validation_every", 1)),
                 site_sampling=str(training.get("site_sampling", "proportional")),
                 precision=check_precision(str(training.get("precision", "auto"))),
+                extended_augmentation=training.get("extended_augmentation", "auto"),
             )
         except KeyError as error:
             raise KeyError(f"config training: missing key {error.args[0]!r}") from None
