@@ -330,7 +330,12 @@ class SiteRunner:
         if not self.validation:
             return {}, None
         per_case = case_dice(
-            model, self.validation, organs=ORGANS, patch_size=self.local.patch_size, device=self.local.device
+            model,
+            self.validation,
+            organs=ORGANS,
+            patch_size=self.local.patch_size,
+            device=self.local.device,
+            precision=self.local.settings.precision,
         )
         return organ_means(per_case), mean_score(per_case)
 

@@ -104,6 +104,7 @@ def case_dice(
     organs: Sequence[str],
     patch_size: Sequence[int],
     device: str | torch.device,
+    precision: str = "auto",
 ) -> list[dict[str, float]]:
     """Per case, the Dice of every organ the case labels and the model outputs (module docstring).
 
@@ -119,6 +120,9 @@ def case_dice(
         Sliding-window tile (z, y, x), the training patch size.
     device:
         Where inference runs.
+    precision:
+        ``auto``, ``bf16``, ``fp16`` or ``fp32`` (:mod:`fedpsmos.precision`): the training precision, so that
+        validation scores the model as it trains.
     """
     was_training = model.training
     out: list[dict[str, float]] = []
@@ -129,7 +133,13 @@ def case_dice(
             label = np.asarray(data["label"])
             labelled = np.asarray(data["labelled"], dtype=bool)
             logits = predict_logits(
-                model, image, patch_size=patch_size, step=VALIDATION_STEP, mirror=False, device=device
+                model,
+                image,
+                patch_size=patch_size,
+                step=VALIDATION_STEP,
+                mirror=False,
+                device=device,
+                precision=precision,
             )
             if logits.shape[0] != len(organs) + 1:
                 raise SelectionError(f"model outputs {logits.shape[0]} channels, expected {len(organs) + 1}")
@@ -182,12 +192,15 @@ def score_on_validation(
     organs: Sequence[str],
     patch_size: Sequence[int],
     device: str | torch.device,
+    precision: str = "auto",
 ) -> float:
     """Mean Dice of ``model`` on validation cases, each over its own labelled organs (module docstring).
 
     Parameters
     ----------
-    model, cases, organs, patch_size, device:
+    model, cases, organs, patch_size, device, precision:
         See :func:`case_dice`.
     """
-    return mean_score(case_dice(model, cases, organs=organs, patch_size=patch_size, device=device))
+    return mean_score(
+        case_dice(model, cases, organs=organs, patch_size=patch_size, device=device, precision=precision)
+    )

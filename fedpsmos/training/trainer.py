@@ -512,7 +512,12 @@ def train_model(
             score: float | None = None
             if validation and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
                 score = score_on_validation(
-                    trainer.model, validation, organs=organs, patch_size=patch_size, device=trainer.device
+                    trainer.model,
+                    validation,
+                    organs=organs,
+                    patch_size=patch_size,
+                    device=trainer.device,
+                    precision=trainer.precision,
                 )
                 if (
                     best is None or score > best["score"]
