@@ -30,6 +30,7 @@ from fedpsmos.federated.rounds import init_global
 from fedpsmos.federated.site_round import LocalSettings, RoundPlan, SiteRunner
 from fedpsmos.network import NetworkSpec, build_network, paper_network_spec
 from fedpsmos.organs import ORGANS, labelled_mask
+from fedpsmos.preprocessing.storage import case_path, write_case
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
 from fedpsmos.training.sampler import SiteData
 from fedpsmos.training.trainer import TrainSettings
@@ -111,8 +112,8 @@ def _tiny_site(root: Path, rng: np.random.Generator) -> SiteData:
         label = np.zeros((32, 64, 64), np.uint8)
         label[8:20, 16:40, 16:40] = 1
         image = (rng.normal(0, 1, label.shape) + 2 * label).astype(np.float32)
-        npz[f"c{i}"] = folder / f"c{i}.npz"
-        np.savez_compressed(npz[f"c{i}"], image=image, label=label, labelled=labelled_mask(("liver",)))
+        npz[f"c{i}"] = case_path(folder, f"c{i}")
+        write_case(npz[f"c{i}"], {"image": image, "label": label, "labelled": labelled_mask(("liver",))})
         rows += [
             {"case": f"c{i}", "z": 4, "y": 8, "x": 8, "organ": "liver", "fraction": 0.9, "site": "site1"}
         ]

@@ -219,6 +219,48 @@ def rows_baselines(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def rows_input_pipeline(r: dict[str, Any]) -> list[Row]:
+    """Rows of ``bench_input_pipeline``: batches a second of our two worker paths over nnU-Net's loader
+    (a throughput ratio: above 1 is faster)."""
+    rate = r["batches_per_second"]
+    setting = f"patch {r['patch']}, batch {r['batch']}, {r['workers']} worker(s)"
+    return [
+        _row(f"input pipeline, ours CPU path, batches/s, higher is better ({setting})", "batches/s",
+             rate["ours_cpu"], r["baseline"], rate["nnunet"], r["ratio_ours_cpu_over_nnunet"]),
+        _row(f"input pipeline, ours CUDA-run worker (enlarged crop {r['enlarged_patch']}, no augmentation), "
+             "batches/s", "batches/s", rate["ours_cuda_worker"], r["baseline"], rate["nnunet"],
+             r["ratio_ours_cuda_worker_over_nnunet"]),
+    ]  # fmt: skip
+
+
+def rows_memory(r: dict[str, Any]) -> list[Row]:
+    """Rows of ``bench_memory``: peak host memory of one trainer and of a block job of five site workers."""
+    trainer, block = r["trainer"], r["block"]
+    setting = f"{r['device']}, patch {r['patch']}"
+    return [
+        _row(f"host memory, one trainer, process tree peak ({setting})", "MiB", trainer["tree_peak_mib"],
+             "", None, None),
+        _row(f"host memory, block job of {r['sites']} site workers, process tree peak", "MiB",
+             block["tree_peak_mib"], r["baseline"], trainer["tree_peak_mib"], r["ratio_block_over_trainer"]),
+    ]  # fmt: skip
+
+
+def rows_gpu_step(r: dict[str, Any]) -> list[Row]:
+    """Rows of ``bench_gpu_step``: our step over nnU-Net's ``train_step``, the training loop over the bare
+    step, augmentation on the device over the step; one row saying so without a GPU."""
+    if "skipped" in r:
+        return [_row(f"skipped: {r['skipped']}", "", None, "", None, None)]
+    setting = f"{r['device']}, patch {r['patch']}, {r['precision']}"
+    return [
+        _row(f"training step, ours ({setting})", "ms", r["ours_step_ms"], r["baseline"], r["nnunet_step_ms"],
+             r["ratio_ours_over_nnunet"]),
+        _row(f"training loop per iteration ({r['iterations']} iterations)", "ms", r["loop_ms"],
+             "the bare step", r["ours_step_ms"], r["ratio_loop_over_step"]),
+        _row("augmentation of a batch on the device (extended)", "ms", r["augment_on_device_ms"],
+             "the bare step", r["ours_step_ms"], round(r["augment_on_device_ms"] / r["ours_step_ms"], 3)),
+    ]  # fmt: skip
+
+
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(obj, dict):
         out: dict[str, Any] = {}
@@ -245,6 +287,9 @@ EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "bench_losses": rows_losses,
     "bench_dryrun": rows_dryrun,
     "bench_baselines": rows_baselines,
+    "bench_input_pipeline": rows_input_pipeline,
+    "bench_memory": rows_memory,
+    "bench_gpu_step": rows_gpu_step,
 }
 
 

@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--ending", default=".nii.gz", choices=(".nii.gz", ".nii", ".mha", ".nrrd"), help="output file ending"
     )
+    predict.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        help="inference precision (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU)",
+    )
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
 
     export = commands.add_parser(
@@ -72,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mirror=args.mirror,
                 save_probabilities=args.save_probabilities,
                 ending=args.ending,
+                precision=args.precision,
                 progress=not args.quiet,
             )
         else:

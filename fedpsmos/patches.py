@@ -31,6 +31,7 @@ import pandas as pd
 from fedpsmos.atomic import atomic_path
 from fedpsmos.data.manifest import Manifest
 from fedpsmos.organs import CLASSES
+from fedpsmos.preprocessing.storage import case_id, read_case
 
 INDEX_COLUMNS = ("site", "case", "z", "y", "x", "organ", "fraction")
 
@@ -161,9 +162,9 @@ def index_case(
     Parameters
     ----------
     label:
-        Global label map ``[Z, Y, X]`` (the ``.npz`` key ``label``).
+        Global label map ``[Z, Y, X]`` (the case file's array ``label``).
     labelled:
-        Boolean ``[6]`` mask of the site's labelled classes (the ``.npz`` key ``labelled``).
+        Boolean ``[6]`` mask of the site's labelled classes (the case file's array ``labelled``).
     case:
         Case id, also used to seed the case's candidates.
     patch_size, min_fraction, candidates_per_case, seed:
@@ -222,7 +223,7 @@ def index_site(
     manifest_path:
         The site manifest; its ``train`` cases are indexed, in manifest order.
     npz_paths:
-        Preprocessed cases; a case id is matched to the file stem (``site1_000.npz`` -> ``site1_000``).
+        Preprocessed cases; a case id is matched to the file name (``site1_000.b2zip`` -> ``site1_000``).
     out_parquet:
         Output parquet path.
     patch_size:
@@ -239,7 +240,7 @@ def index_site(
     Raises
     ------
     PatchIndexError
-        On a bad case file, a train case without a ``.npz``, or when no patch is kept.
+        On a bad case file, a train case without a case file, or when no patch is kept.
     fedpsmos.data.manifest.ManifestError
         On a missing or malformed manifest (one without ``site`` or ``train``).
     """
@@ -254,20 +255,20 @@ def index_site(
     site = manifest.site
     by_case: dict[str, Path] = {}
     for p in map(Path, npz_paths):
-        if p.stem in by_case:
+        if case_id(p) in by_case:
             raise PatchIndexError(
-                f"site {site}: two preprocessed files for case {p.stem}: {by_case[p.stem]}, {p}"
+                f"site {site}: two preprocessed files for case {case_id(p)}: {by_case[case_id(p)]}, {p}"
             )
-        by_case[p.stem] = p
+        by_case[case_id(p)] = p
     frames = []
     for case in manifest.train:
         if case not in by_case:
             raise PatchIndexError(
-                f"site {site}: no preprocessed .npz for train case {case} ({manifest_path})"
+                f"site {site}: no preprocessed case file for train case {case} ({manifest_path})"
             )
         try:
-            with np.load(by_case[case]) as npz:
-                label, labelled = npz["label"], npz["labelled"]
+            arrays = read_case(by_case[case], ("label", "labelled"))
+            label, labelled = arrays["label"], arrays["labelled"]
         except (OSError, KeyError, ValueError) as err:
             raise PatchIndexError(f"{by_case[case]}: cannot read label/labelled: {err}") from err
         if label.ndim != 3 or labelled.shape != (len(CLASSES),):

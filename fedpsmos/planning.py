@@ -3,7 +3,7 @@
 Everything Snakemake needs to build the DAG from the validated configuration lives here, so it can be
 tested without Snakemake; ``workflow/rules/common.smk`` builds one :class:`Plan` and its helpers are one line
 each. Layout (docs/architecture.md): ``results/data/{site}/manifest.json``,
-``results/preprocessed/{site}/{case}.npz``, ``results/patches/{site}.parquet``, models under
+``results/preprocessed/{site}/{case}.b2zip``, ``results/patches/{site}.parquet``, models under
 ``results/models/{model id}/``, the federation's files under ``results/federated/{setting}/``
 (:mod:`fedpsmos.federated.paths`) and each evaluated (model, site) pair under
 ``results/evaluation/{model id}/{site}/`` (``predictions/`` and ``metrics.csv``).
@@ -249,7 +249,7 @@ class Plan:
         return [self.site_root(site)] if self.is_synthetic(site) else []
 
     def case_files(self, site: str) -> list[str]:
-        """``results/preprocessed/{site}/{case}.npz`` of every case of the site, listed once per plan.
+        """``results/preprocessed/{site}/{case}.b2zip`` of every case of the site, listed once per plan.
 
         Raises :class:`~fedpsmos.data.sources.DataError` naming the folder when a real site's cases cannot
         be listed.
@@ -263,7 +263,7 @@ class Plan:
                 spec=spec.get("synthetic"),
                 files=spec.get("files"),
             )
-            self._case_files[site] = tuple(f"results/preprocessed/{site}/{case}.npz" for case in ids)
+            self._case_files[site] = tuple(f"results/preprocessed/{site}/{case}.b2zip" for case in ids)
         return list(self._case_files[site])
 
     def all_case_files(self) -> list[str]:
@@ -293,6 +293,16 @@ class Plan:
             "cases": self.case_files(site),
             "patches": descriptor["patches"],
         }
+
+    def prediction_inputs(self, site: str) -> dict[str, str]:
+        """What a site's prediction job waits for: its manifest (the test split) and its patch index.
+
+        The job reads the site's preprocessed test cases from :meth:`site_descriptor`'s ``npz_dir`` (a param);
+        the patch index is built from every preprocessed case of the site, so it orders the job after them
+        without listing the cases: as inputs of every prediction job they were 12,000 paper DAG edges.
+        """
+        descriptor = self.site_descriptor(site)
+        return {"manifest": descriptor["manifest"], "patches": descriptor["patches"]}
 
     def sites_inputs(self, sites: Sequence[str]) -> list[str]:
         """The training inputs of several sites in one list (central models, M0)."""

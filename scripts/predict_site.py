@@ -12,14 +12,10 @@ from fedpsmos.inference.predict import predict_site
 def main(snakemake) -> None:
     """Predict the site's test cases in their original geometry."""
     torch.set_num_threads(max(1, int(snakemake.threads)))  # the cores the rule was given, no more
-    cases = [Path(p) for p in snakemake.input.cases]
-    folders = {p.parent for p in cases}
-    if len(folders) != 1:
-        raise ValueError(f"input.cases must lie in one folder, got {sorted(map(str, folders))}")
     predict_site(
         model_path=snakemake.input.model,
         manifest_path=snakemake.input.manifest,
-        npz_dir=folders.pop(),
+        npz_dir=Path(snakemake.params.case_dir),
         out_dir=snakemake.output.predictions,
         patch_size=[int(v) for v in snakemake.params.patch_size],
         step=float(snakemake.params.step),

@@ -1,4 +1,4 @@
-"""Snakemake entry point of rule preprocess_case: one case -> results/preprocessed/{site}/{case}.npz."""
+"""Snakemake entry point of rule preprocess_case: one case -> results/preprocessed/{site}/{case}.b2zip."""
 
 import sys
 
@@ -13,7 +13,7 @@ def main(snakemake) -> None:
     preprocess_manifest_case(
         snakemake.input.manifest,
         str(params.case),
-        snakemake.output.npz,
+        snakemake.output.case,
         spacing=[float(s) for s in settings["spacing"]],
         image_order=int(settings["image_order"]),
         clip=[float(c) for c in settings["clip"]],

@@ -29,6 +29,7 @@ def main(snakemake) -> None:
             "loss": loss,
             "init": snakemake.input.get("init", ""),
             "preprocessing": read_settings(snakemake.input.settings),
+            "threads": int(snakemake.threads),  # training.workers: auto -> threads - 1 batch workers
         },
         {
             "model": snakemake.output.model,

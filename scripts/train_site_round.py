@@ -1,6 +1,6 @@
 """Snakemake entry point of rule train_site_round: one site's local round -> round_{r}/{site}.pt + private.
 
-The rule gives this site's files only (manifest, training .npz, patch index) plus the previous global model
+The rule gives this site's files only (manifest, training cases, patch index) plus the previous global model
 and the site's own private state; ``input.private`` is ``""`` (or absent) in round 1.
 """
 
@@ -34,6 +34,7 @@ def main(snakemake) -> None:
         on_site_failure=str(params.on_site_failure),
         out_site=snakemake.output.site_model,
         out_private=snakemake.output.private,
+        threads=int(snakemake.threads),  # training.workers: auto -> on a GPU, threads - 1 batch workers
     )
 
 

@@ -21,6 +21,7 @@ from fedpsmos.organs import ORGANS
 from fedpsmos.preprocessing.orientation import orientation_record, reorient
 from fedpsmos.preprocessing.resample import resample_label_to_geometry
 from fedpsmos.preprocessing.scan import image_to_network_grid
+from fedpsmos.preprocessing.storage import case_path, write_case
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import tiny_spec
 
@@ -263,15 +264,19 @@ def test_workflow_prediction_matches_predict_folder(tmp_path):
     scan = sitk.ReadImage(str(tmp_path / "in" / "c1.nii.gz"))
     oriented = reorient(scan)
     (tmp_path / "npz").mkdir()
-    np.savez_compressed(
-        tmp_path / "npz" / "c1.npz",
-        image=image_to_network_grid(oriented, "c1", **SETTINGS),
-        spacing=np.asarray(SETTINGS["spacing"], np.float64),
-        sitk_size=np.asarray(scan.GetSize(), np.int64),
-        sitk_spacing=np.asarray(scan.GetSpacing(), np.float64),
-        sitk_origin=np.asarray(scan.GetOrigin(), np.float64),
-        sitk_direction=np.asarray(scan.GetDirection(), np.float64),
-        **orientation_record(scan, oriented),
+    image = image_to_network_grid(oriented, "c1", **SETTINGS)
+    write_case(
+        case_path(tmp_path / "npz", "c1"),
+        {
+            "image": image,
+            "label": np.zeros(image.shape, np.uint8),
+            "spacing": np.asarray(SETTINGS["spacing"], np.float64),
+            "sitk_size": np.asarray(scan.GetSize(), np.int64),
+            "sitk_spacing": np.asarray(scan.GetSpacing(), np.float64),
+            "sitk_origin": np.asarray(scan.GetOrigin(), np.float64),
+            "sitk_direction": np.asarray(scan.GetDirection(), np.float64),
+            **orientation_record(scan, oriented),
+        },
     )
     (tmp_path / "manifest.json").write_text('{"test": ["c1"]}')
     model = _model(tmp_path / "m.pt")

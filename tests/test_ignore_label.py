@@ -18,6 +18,7 @@ from torch import nn
 from fedpsmos.losses import TERM_NAMES, build_loss, downsample_target
 from fedpsmos.losses.checks import validate_inputs
 from fedpsmos.organs import IGNORE_CLASS, NUM_CLASSES, ORGANS
+from fedpsmos.preprocessing.storage import read_case, write_case
 from fedpsmos.training.augmentation import _spatial
 from fedpsmos.training.sampler import PatchSampler, SamplerError
 from fedpsmos.training.selection import ValidationCase, case_dice
@@ -248,11 +249,10 @@ def test_spatial_augmentation_moves_ignored_voxels_without_blending() -> None:
 
 
 def _put_ignore(site_npz: Path) -> None:
-    with np.load(site_npz) as data:
-        arrays = dict(data)
+    arrays = read_case(site_npz)
     arrays["label"] = arrays["label"].copy()
     arrays["label"][:, :6, :] = IGNORE_CLASS
-    np.savez_compressed(site_npz, **arrays)
+    write_case(site_npz, arrays)
 
 
 def test_sampler_keeps_the_ignore_label_also_under_a_class_map(tmp_path: Path) -> None:
@@ -276,11 +276,10 @@ def test_sampler_still_refuses_other_out_of_range_labels(tmp_path: Path) -> None
     # Prepare
     site = write_site(tmp_path, "site1", ("liver",), cases=1)
     path = next(iter(site.npz_paths.values()))
-    with np.load(path) as data:
-        arrays = dict(data)
+    arrays = read_case(path)
     arrays["label"] = arrays["label"].copy()
     arrays["label"][0, 0, 0] = NUM_CLASSES
-    np.savez_compressed(path, **arrays)
+    write_case(path, arrays)
     sampler = PatchSampler([site], patch_size=PATCH, patches_per_iteration=1, seed=0, augment=False)
     # Execute / Assert
     with pytest.raises(SamplerError, match=f"label holds class {NUM_CLASSES}"):
@@ -313,8 +312,8 @@ def test_validation_dice_leaves_ignored_voxels_out(tmp_path: Path) -> None:
     image[1, :2, :2] = 1.0
     image[1, 2:, 2] = 2.0
     labelled = np.array([True, True, True, False, False, False])
-    npz = tmp_path / "case.npz"
-    np.savez(npz, image=image, label=label, labelled=labelled)
+    npz = tmp_path / "case.b2zip"
+    write_case(npz, {"image": image, "label": label, "labelled": labelled})
     case = ValidationCase("site1", "case", npz)
     # Execute
     scores = case_dice(

@@ -93,8 +93,8 @@ def test_validation_and_preprocessing_refuse_the_same_pair(tmp_path: Path) -> No
     with pytest.raises(DataError, match=rf"^{lab}: label origin"):
         validate_case(CaseFiles("c", img, lab), label_values={1, 2})
     with pytest.raises(PreprocessingError, match=rf"^{lab}: label origin"):
-        preprocess_case(img, lab, tmp_path / "c.npz", labels={"liver": [1], "spleen": [2]}, **SETTINGS)
-    assert not (tmp_path / "c.npz").exists()
+        preprocess_case(img, lab, tmp_path / "c.b2zip", labels={"liver": [1], "spleen": [2]}, **SETTINGS)
+    assert not (tmp_path / "c.b2zip").exists()
 
 
 def test_file_sha256_is_the_digest_of_the_bytes(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from fedpsmos.data.label_map import REST, LabelMap, apply_label_map, apply_label
 from fedpsmos.organs import CLASS_INDEX, IGNORE_CLASS, LabelMapError
 from fedpsmos.patches import index_case
 from fedpsmos.preprocessing.case import PreprocessingError, preprocess_manifest_case
+from fedpsmos.preprocessing.storage import read_case
 
 LEFT, RIGHT = CLASS_INDEX["kidney_left"], CLASS_INDEX["kidney_right"]
 
@@ -282,11 +283,11 @@ def test_preprocessing_writes_ignore_class_for_ignored_voxels(tmp_path):
     settings["std"] = 1.0
 
     # Execute
-    info = preprocess_manifest_case(tmp_path / "manifest.json", "c", tmp_path / "c.npz", **settings)
+    info = preprocess_manifest_case(tmp_path / "manifest.json", "c", tmp_path / "c.b2zip", **settings)
 
     # Assert: 4 -> 255 (ignored), 8 -> 0, 1 -> liver; the patch index does not count 255 as an organ
-    with np.load(tmp_path / "c.npz") as data:
-        out, labelled = data["label"], data["labelled"]
+    data = read_case(tmp_path / "c.b2zip")
+    out, labelled = data["label"], data["labelled"]
     assert set(np.unique(out)) == {0, 1, IGNORE_CLASS}
     assert int(np.count_nonzero(out == IGNORE_CLASS)) == int(np.count_nonzero(label == 4)) == info["ignored"]
     assert info["voxels"] == {"liver": int(np.count_nonzero(label == 1))}
@@ -295,4 +296,4 @@ def test_preprocessing_writes_ignore_class_for_ignored_voxels(tmp_path):
     )
     assert set(index["organ"]) == {"liver"}
     with pytest.raises(PreprocessingError, match="pass no labels"):
-        preprocess_manifest_case(tmp_path / "manifest.json", "c", tmp_path / "d.npz", labels={}, **settings)
+        preprocess_manifest_case(tmp_path / "manifest.json", "c", tmp_path / "d.b2zip", labels={}, **settings)

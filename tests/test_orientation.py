@@ -28,6 +28,7 @@ from fedpsmos.preprocessing.orientation import (
     orientation_code,
     reorient,
 )
+from fedpsmos.preprocessing.storage import read_case
 from fedpsmos.training.augmentation import AugmentationSettings, augment_batch
 from fedpsmos.training.checkpoint import save_checkpoint
 from tests.conftest import tiny_spec
@@ -72,8 +73,7 @@ def _write_stored(tmp_path: Path, code: str, image: sitk.Image, label: sitk.Imag
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as npz:
-        return {k: npz[k] for k in npz.files}
+    return read_case(path)
 
 
 def _same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
@@ -127,9 +127,9 @@ def test_orientations_give_identical_arrays_and_exact_round_trip(tmp_path, direc
         img, lab = _write_stored(tmp_path, code, image, label)
         # Execute
         preprocess_case(
-            img, lab, tmp_path / f"{code}.npz", labels=SITE_LABELS, spacing=(4.0, 1.2, 1.5), **SETTINGS
+            img, lab, tmp_path / f"{code}.b2zip", labels=SITE_LABELS, spacing=(4.0, 1.2, 1.5), **SETTINGS
         )
-        data = _load(tmp_path / f"{code}.npz")
+        data = _load(tmp_path / f"{code}.b2zip")
         arrays[code] = data
         back = label_to_image(data["label"], data)
         # Assert: the label comes back voxel for voxel in the file's own order and geometry.
@@ -169,7 +169,9 @@ def test_predictions_are_identical_in_each_files_own_geometry(tmp_path):
         img, lab = _write_stored(tmp_path, code, image, label)
         npz_dir = tmp_path / f"npz_{code}"
         npz_dir.mkdir()
-        preprocess_case(img, lab, npz_dir / "c1.npz", labels=SITE_LABELS, spacing=(3.0, 2.0, 2.0), **SETTINGS)
+        preprocess_case(
+            img, lab, npz_dir / "c1.b2zip", labels=SITE_LABELS, spacing=(3.0, 2.0, 2.0), **SETTINGS
+        )
         manifest = tmp_path / f"manifest_{code}.json"
         manifest.write_text(json.dumps({"cases": [{"case": "c1", "split": "test"}], "test": ["c1"]}))
         # Execute
@@ -275,9 +277,9 @@ def test_real_ct_in_three_orientations(tmp_path):
     for code, (img, lab) in paths.items():
         # Execute: at the file's 3 mm spacing, so prediction geometry round-trips exactly.
         preprocess_case(
-            img, lab, tmp_path / f"{code}.npz", labels=labels, spacing=(3.0, 3.0, 3.0), **SETTINGS
+            img, lab, tmp_path / f"{code}.b2zip", labels=labels, spacing=(3.0, 3.0, 3.0), **SETTINGS
         )
-        arrays[code] = _load(tmp_path / f"{code}.npz")
+        arrays[code] = _load(tmp_path / f"{code}.b2zip")
         back = label_to_image(arrays[code]["label"], arrays[code])
         # Assert: the written label is the file's, voxel for voxel, in the file's own geometry.
         stored = sitk.ReadImage(str(lab))

@@ -11,6 +11,7 @@ import pytest
 
 from fedpsmos.organs import CLASS_INDEX, labelled_mask
 from fedpsmos.patches import INDEX_COLUMNS, PatchIndexError, index_site, organ_fractions
+from fedpsmos.preprocessing.storage import case_path, write_case
 
 PATCH = (4, 8, 8)
 
@@ -27,13 +28,15 @@ def _label(seed: int = 0) -> np.ndarray:
 def _site(
     tmp_path: Path, labels: dict[str, np.ndarray], train: list[str], organs=("liver", "pancreas")
 ) -> Path:
-    """Write one .npz per case and a manifest listing ``train`` cases plus one test case."""
+    """Write one case file per case and a manifest listing ``train`` cases plus one test case."""
     for case, label in labels.items():
-        np.savez_compressed(
-            tmp_path / f"{case}.npz",
-            image=np.zeros(label.shape, dtype=np.float32),
-            label=label,
-            labelled=labelled_mask(organs),
+        write_case(
+            case_path(tmp_path, case),
+            {
+                "image": np.zeros(label.shape, dtype=np.float32),
+                "label": label,
+                "labelled": labelled_mask(organs),
+            },
         )
     manifest = {
         "site": "siteX",
@@ -72,7 +75,7 @@ def test_index_site_keeps_only_passing_patches(tmp_path):
     # Prepare: two train cases and one test case.
     labels = {"siteX_000": _label(), "siteX_001": np.roll(_label(), 2, axis=2), "siteX_002": _label()}
     manifest = _site(tmp_path, labels, train=["siteX_000", "siteX_001"])
-    npz = sorted(tmp_path.glob("*.npz"))
+    npz = sorted(tmp_path.glob("*.b2zip"))
     out = tmp_path / "patches" / "siteX.parquet"
 
     # Execute
@@ -100,7 +103,7 @@ def test_index_site_keeps_only_passing_patches(tmp_path):
 def test_index_site_is_deterministic_and_seeded(tmp_path):
     labels = {"siteX_000": _label(), "siteX_001": _label()}
     manifest = _site(tmp_path, labels, train=list(labels))
-    npz = sorted(tmp_path.glob("*.npz"))
+    npz = sorted(tmp_path.glob("*.b2zip"))
     kwargs = {"patch_size": (6, 16, 16), "min_fraction": 0.2, "candidates_per_case": 30}
 
     first = index_site(manifest, npz, tmp_path / "a.parquet", seed=0, **kwargs)
@@ -116,7 +119,7 @@ def test_threshold_is_respected(tmp_path):
     # A lower threshold lets the liver pass too; a threshold of 1.0 keeps only patches holding a whole organ.
     labels = {"siteX_000": _label()}
     manifest = _site(tmp_path, labels, train=["siteX_000"])
-    npz = sorted(tmp_path.glob("*.npz"))
+    npz = sorted(tmp_path.glob("*.b2zip"))
     low = index_site(
         manifest,
         npz,
@@ -144,7 +147,7 @@ def test_small_image_pads_and_huge_patch_fails(tmp_path):
     label = np.zeros((3, 24, 24), dtype=np.uint8)
     label[1, 4:8, 4:8] = CLASS_INDEX["liver"]
     manifest = _site(tmp_path, {"siteX_000": label}, train=["siteX_000"])
-    npz = sorted(tmp_path.glob("*.npz"))
+    npz = sorted(tmp_path.glob("*.b2zip"))
 
     index = index_site(
         manifest,
@@ -174,9 +177,9 @@ def test_small_image_pads_and_huge_patch_fails(tmp_path):
 def test_errors_name_the_site(tmp_path):
     labels = {"siteX_000": _label()}
     manifest = _site(tmp_path, labels, train=["siteX_000", "siteX_009"])
-    npz = sorted(tmp_path.glob("*.npz"))
+    npz = sorted(tmp_path.glob("*.b2zip"))
     out = tmp_path / "x.parquet"
-    with pytest.raises(PatchIndexError, match="siteX: no preprocessed .npz for train case siteX_009"):
+    with pytest.raises(PatchIndexError, match="siteX: no preprocessed case file for train case siteX_009"):
         index_site(manifest, npz, out, patch_size=PATCH, min_fraction=0.33, candidates_per_case=10, seed=0)
 
     # Only the liver is labelled and no 4x8x8 patch can hold 90% of it.

@@ -142,9 +142,9 @@ def test_case_files_are_listed_once_per_site(monkeypatch: pytest.MonkeyPatch) ->
     # Assert: one listing per site; 693 cases, site by site; a caller's list is its own
     assert sorted(calls) == SITES
     assert len(cases) == 30 + 131 + 41 + 281 + 210
-    assert cases[0] == "results/preprocessed/site1/site1_000.npz"
-    assert cases[-1] == "results/preprocessed/site5/site5_209.npz"
-    assert plan.case_files("site2")[-1] == "results/preprocessed/site2/site2_130.npz"
+    assert cases[0] == "results/preprocessed/site1/site1_000.b2zip"
+    assert cases[-1] == "results/preprocessed/site5/site5_209.b2zip"
+    assert plan.case_files("site2")[-1] == "results/preprocessed/site2/site2_130.b2zip"
 
 
 def test_missing_real_folder_is_named_when_cases_are_listed(tmp_path: Path) -> None:
@@ -166,7 +166,12 @@ def test_site_inputs_and_descriptor_name_one_site() -> None:
 
     assert inputs["manifest"] == descriptor["manifest"] == "results/data/site4/manifest.json"
     assert inputs["patches"] == descriptor["patches"] == "results/patches/site4.parquet"
-    assert inputs["cases"] == [f"results/preprocessed/site4/site4_00{i}.npz" for i in range(3)]
+    assert inputs["cases"] == [f"results/preprocessed/site4/site4_00{i}.b2zip" for i in range(3)]
+    assert plan.prediction_inputs("site4") == {  # the cases through the patch index, not one edge each
+        "manifest": "results/data/site4/manifest.json",
+        "patches": "results/patches/site4.parquet",
+    }
+    assert descriptor["npz_dir"] == "results/preprocessed/site4"
     assert plan.full_sites == ["site1"]
     assert plan.sites_inputs(["site1"])[:2] == [
         "results/data/site1/manifest.json",

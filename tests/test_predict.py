@@ -14,6 +14,7 @@ from fedpsmos.inference.predict import class_lookup, output_classes, predict_sit
 from fedpsmos.network import build_network
 from fedpsmos.preprocessing.orientation import orientation_record, reorient
 from fedpsmos.preprocessing.resample import resample_array
+from fedpsmos.preprocessing.storage import case_path, write_case
 from fedpsmos.training.checkpoint import save_checkpoint
 from tests.conftest import tiny_spec
 
@@ -44,17 +45,19 @@ def _npz(tmp_path, case: str, original: sitk.Image) -> None:
     image = resample_array(sitk.GetArrayFromImage(oriented), spacing_zyx, TARGET_SPACING, order=1)
     out = tmp_path / "npz"
     out.mkdir(exist_ok=True)
-    np.savez_compressed(
-        out / f"{case}.npz",
-        image=image,
-        label=np.zeros(image.shape, np.uint8),
-        labelled=np.ones(6, bool),
-        spacing=np.asarray(TARGET_SPACING, np.float64),
-        sitk_size=np.asarray(original.GetSize(), np.int64),
-        sitk_spacing=np.asarray(original.GetSpacing(), np.float64),
-        sitk_origin=np.asarray(original.GetOrigin(), np.float64),
-        sitk_direction=np.asarray(original.GetDirection(), np.float64),
-        **orientation_record(original, oriented),
+    write_case(
+        case_path(out, case),
+        {
+            "image": image,
+            "label": np.zeros(image.shape, np.uint8),
+            "labelled": np.ones(6, bool),
+            "spacing": np.asarray(TARGET_SPACING, np.float64),
+            "sitk_size": np.asarray(original.GetSize(), np.int64),
+            "sitk_spacing": np.asarray(original.GetSpacing(), np.float64),
+            "sitk_origin": np.asarray(original.GetOrigin(), np.float64),
+            "sitk_direction": np.asarray(original.GetDirection(), np.float64),
+            **orientation_record(original, oriented),
+        },
     )
 
 
@@ -126,7 +129,7 @@ def test_failure_leaves_no_output(tmp_path):
     _manifest(tmp_path, ["c1", "c2"])
     _constant_model(tmp_path / "model.pt", ["liver"], winner=1)
     # Execute / Assert
-    with pytest.raises(FileNotFoundError, match="c2.npz"):
+    with pytest.raises(FileNotFoundError, match="c2.b2zip"):
         predict_site(
             model_path=tmp_path / "model.pt",
             manifest_path=tmp_path / "manifest.json",

@@ -1,4 +1,4 @@
-"""Resampling geometry, CT normalisation and the preprocessed ``.npz`` contract."""
+"""Resampling geometry, CT normalisation and the preprocessed case-file contract."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from fedpsmos.preprocessing import (
     resample_label_to_geometry,
     resampled_shape,
 )
+from fedpsmos.preprocessing.storage import read_case
 
 SETTINGS = {"spacing": [3.0, 2.0, 2.0], "image_order": 3, "clip": [-80.0, 305.0], "mean": 90.9, "std": 65.5}
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -165,14 +166,13 @@ def test_normalise_ct_clips_then_standardises():
 def test_preprocess_case_writes_npz_contract(tmp_path):
     # Prepare
     img, lab, image, label = _case(tmp_path)
-    out = tmp_path / "out" / "case_000.npz"
+    out = tmp_path / "out" / "case_000.b2zip"
 
     # Execute
     info = preprocess_case(img, lab, out, labels={"liver": [1, 2], "kidney": [3]}, **SETTINGS)
 
     # Assert: keys, dtypes, geometry and values.
-    with np.load(out) as npz:
-        data = {k: npz[k] for k in npz.files}
+    data = read_case(out)
     assert sorted(data) == sorted(NPZ_KEYS)
     assert data["image"].dtype == np.float32 and data["label"].dtype == np.uint8
     assert data["labelled"].dtype == bool
@@ -210,17 +210,17 @@ def test_preprocess_manifest_case_looks_up_files(tmp_path):
     labels = {"liver": [1, 2], "kidney": [3]}  # the manifest's resolved label map
     cases = [{"case": "c1", "image": str(img), "label": str(lab)}]
     manifest.write_text(json.dumps({"labels": labels, "background": [], "ignore": [], "cases": cases}))
-    info = preprocess_manifest_case(manifest, "c1", tmp_path / "c1.npz", **SETTINGS)
-    assert (tmp_path / "c1.npz").is_file() and info["voxels"]["kidney_left"] > 0
+    info = preprocess_manifest_case(manifest, "c1", tmp_path / "c1.b2zip", **SETTINGS)
+    assert (tmp_path / "c1.b2zip").is_file() and info["voxels"]["kidney_left"] > 0
     with pytest.raises(PreprocessingError, match="c2"):
-        preprocess_manifest_case(manifest, "c2", tmp_path / "c2.npz", **SETTINGS)
+        preprocess_manifest_case(manifest, "c2", tmp_path / "c2.b2zip", **SETTINGS)
 
 
 def test_preprocess_case_errors_name_the_file(tmp_path):
     # Prepare: a label with a value outside the map, and a label on a shifted grid.
     img, lab, image, label = _case(tmp_path)
     shifted = _write(label, tmp_path / "shifted.nii.gz", (0.9, 0.9, 5.0), origin=(0.0, 0.0, 0.0))
-    out = tmp_path / "x.npz"
+    out = tmp_path / "x.b2zip"
 
     # Execute / Assert
     with pytest.raises(PreprocessingError, match=r"lab\.nii\.gz.*\[3\]"):
@@ -229,19 +229,18 @@ def test_preprocess_case_errors_name_the_file(tmp_path):
         preprocess_case(img, shifted, out, labels={"liver": [1, 2], "kidney": [3]}, **SETTINGS)
     with pytest.raises(PreprocessingError, match="missing.nii.gz: image file not found"):
         preprocess_case(tmp_path / "missing.nii.gz", lab, out, labels={"liver": [1]}, **SETTINGS)
-    with pytest.raises(PreprocessingError, match=r"must end in \.npz"):
+    with pytest.raises(PreprocessingError, match=r"must end in \.b2zip"):
         preprocess_case(img, lab, tmp_path / "x.npy", labels={"liver": [1, 2], "kidney": [3]}, **SETTINGS)
     assert not out.exists()
-    assert not list(tmp_path.glob(".x.npz*"))  # no temporary left behind
+    assert not list(tmp_path.glob(".x.b2zip*"))  # no temporary left behind
 
 
 def test_round_trip_to_original_geometry(tmp_path):
     # Prepare
     img, lab, image, label = _case(tmp_path)
-    out = tmp_path / "c.npz"
+    out = tmp_path / "c.b2zip"
     preprocess_case(img, lab, out, labels={"liver": [1, 2], "kidney": [3]}, **SETTINGS)
-    with np.load(out) as npz:
-        data = {k: npz[k] for k in npz.files}
+    data = read_case(out)
 
     # Execute
     written = label_to_image(data["label"], data)  # through the canonical orientation and back

@@ -25,6 +25,7 @@ from fedpsmos.losses import (
     prior_from_site,
 )
 from fedpsmos.organs import IGNORE_CLASS
+from fedpsmos.preprocessing.storage import case_path, write_case
 
 MARGINAL = {"dice": 1.0, "ce": 1.0}
 
@@ -288,10 +289,10 @@ def test_organ_size_prior_errors(labels: list[np.ndarray]) -> None:
 
 
 def _write_site(root: Path, label: np.ndarray, corner: tuple[int, int, int], labelled: np.ndarray) -> Path:
-    """A one-case site: its ``.npz``, a one-row patch index at ``corner``, its manifest (returned)."""
+    """A one-case site: its case file, a one-row patch index at ``corner``, its manifest (returned)."""
     (root / "npz").mkdir()
     image = label.astype(np.float32)
-    np.savez_compressed(root / "npz" / "c0.npz", image=image, label=label, labelled=labelled)
+    write_case(case_path(root / "npz", "c0"), {"image": image, "label": label, "labelled": labelled})
     pd.DataFrame([{"case": "c0", "z": corner[0], "y": corner[1], "x": corner[2]}]).to_parquet(
         root / "p.parquet"
     )

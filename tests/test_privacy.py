@@ -1,7 +1,8 @@
 """The privacy boundary of the federated rounds.
 
 docs/design.md "The pipeline and the privacy boundary": each site's data is read only by that site's
-rules; the aggregation rule reads only model weights.
+rules; the aggregation rule reads only model weights. Batch worker processes report the case files they
+open to their trainer (``PatchSampler.opened``), which the audit hook of this process cannot see.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedpsmos.organs import ORGANS
 from fedpsmos.preprocessing.fingerprint import N_BINS, site_fingerprint
 from fedpsmos.training.checkpoint import load_checkpoint
 from fedpsmos.training.selection import score_on_validation
+from fedpsmos.training.trainer import Trainer, TrainSettings
 from tests.conftest import DryRun
 from tests.test_fingerprint import AUTO, make_site
 from tests.test_rounds import (
@@ -31,6 +33,7 @@ from tests.test_rounds import (
     LOSS,
     PATCH,
     SEED,
+    SPEC,
     TRAINING,
     make_m0,
     make_sites,
@@ -184,6 +187,33 @@ def test_site_round_opens_only_its_own_files(
     assert paths.site_input_violations(flat, "site1", ["site1", "site2"]) == []
     assert paths.site_input_violations(flat, "site2", ["site1", "site2"]) != []
     assert not [p for p in ours if "site2" in str(p.relative_to(root))]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_batch_workers_open_only_the_sites_own_files(tmp_path: Path) -> None:
+    # Prepare: site2's case files are garbage, so reading any of them would fail the training
+    sites = make_sites(tmp_path)
+    for path in sites["site2"].npz_paths.values():
+        path.write_bytes(b"not a case")
+    trainer = Trainer(
+        model=build_network(SPEC, seed=0),
+        sites=[sites["site1"]],
+        loss_spec=LOSS,
+        settings=TrainSettings.from_config(TRAINING),
+        seed=SEED,
+        device="cpu",
+        patch_size=PATCH,
+        workers=1,
+    )
+    # Execute: the batches come from a background worker process
+    try:
+        trainer.train_iterations(4)
+        pids = trainer.batches.loader.worker_pids if trainer.batches.loader else []
+    finally:
+        trainer.close()
+    # Assert: the worker's reads reach the trainer's record, and they are site1's training files only
+    own = {Path(p) for p in sites["site1"].npz_paths.values()}
+    assert len(pids) == 1 and trainer.sampler.opened and trainer.sampler.opened <= own
 
 
 def test_validation_scorer_opens_only_the_given_cases(

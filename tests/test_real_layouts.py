@@ -24,6 +24,7 @@ from fedpsmos.data.validation import SplitSettings, build_manifest
 from fedpsmos.inference.predict import predict_site
 from fedpsmos.network import build_network
 from fedpsmos.preprocessing.case import preprocess_manifest_case
+from fedpsmos.preprocessing.storage import case_path
 from fedpsmos.training.checkpoint import save_checkpoint
 from tests.conftest import tiny_spec
 
@@ -239,7 +240,7 @@ def test_data_set_layout_runs_through_the_pipeline(tmp_path, base, name):
     settings = {"spacing": [SPACING] * 3, "image_order": 1, "clip": [-80.0, 305.0], "mean": 90.9, "std": 65.5}
     infos = {
         case: preprocess_manifest_case(
-            tmp_path / "manifest.json", case, tmp_path / "npz" / f"{case}.npz", **settings
+            tmp_path / "manifest.json", case, case_path(tmp_path / "npz", case), **settings
         )
         for case in expected_ids
     }

@@ -12,6 +12,7 @@ from fedpsmos.data.label_map import apply_label_map_image
 from fedpsmos.organs import CLASS_INDEX
 from fedpsmos.preprocessing import preprocess_case, resample_array
 from fedpsmos.preprocessing.orientation import reorient
+from fedpsmos.preprocessing.storage import read_case
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 IMAGE = REALDATA / "ct_abdomen_3mm.nii.gz"
@@ -54,9 +55,8 @@ def test_real_ct_preprocesses_to_paper_spacing(tmp_path):
     spacing_in = np.array(reference.GetSpacing()[::-1])
 
     # Execute
-    info = preprocess_case(IMAGE, LABEL, tmp_path / "real.npz", labels=labels, **SETTINGS)
-    with np.load(tmp_path / "real.npz") as npz:
-        data = {k: npz[k] for k in npz.files}
+    info = preprocess_case(IMAGE, LABEL, tmp_path / "real.b2zip", labels=labels, **SETTINGS)
+    data = read_case(tmp_path / "real.b2zip")
 
     # Assert: spacing, extent within half a target voxel, original geometry recorded, labels in range.
     np.testing.assert_allclose(data["spacing"], PAPER_SPACING)
@@ -92,9 +92,9 @@ def test_partial_spleen_map(tmp_path):
     path = _partial_label(tmp_path, {2: 2})
 
     # Execute
-    info = preprocess_case(IMAGE, path, tmp_path / "spleen.npz", labels={"spleen": [2]}, **SETTINGS)
-    with np.load(tmp_path / "spleen.npz") as npz:
-        label, labelled = npz["label"], npz["labelled"]
+    info = preprocess_case(IMAGE, path, tmp_path / "spleen.b2zip", labels={"spleen": [2]}, **SETTINGS)
+    data = read_case(tmp_path / "spleen.b2zip")
+    label, labelled = data["label"], data["labelled"]
 
     # Assert
     assert set(np.unique(label)) == {0, CLASS_INDEX["spleen"]}
@@ -111,9 +111,8 @@ def test_merged_kidney_label_splits_back_by_body_side(tmp_path):
 
     # Execute: in the original grid, and through preprocessing.
     split = apply_label_map_image(sitk.ReadImage(str(path)), {"kidney": [7]})
-    preprocess_case(IMAGE, path, tmp_path / "kidney.npz", labels={"kidney": [7]}, **SETTINGS)
-    with np.load(tmp_path / "kidney.npz") as npz:
-        resampled = npz["label"]
+    preprocess_case(IMAGE, path, tmp_path / "kidney.b2zip", labels={"kidney": [7]}, **SETTINGS)
+    resampled = read_case(tmp_path / "kidney.b2zip")["label"]
 
     # Assert: the split agrees with the true left/right labels for >= 95% of kidney voxels, in both grids.
     assert np.mean(split[kidney] == expected[kidney]) >= 0.95

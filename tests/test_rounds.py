@@ -17,6 +17,7 @@ from fedpsmos.federated.rounds import RoundError
 from fedpsmos.federated.site_round import LocalSettings, RoundPlan
 from fedpsmos.network import build_network
 from fedpsmos.organs import ORGANS, labelled_mask
+from fedpsmos.preprocessing.storage import case_path, write_case
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
 from fedpsmos.training.sampler import SiteData
 from fedpsmos.training.selection import ValidationCase, validation_cases_from_manifest
@@ -50,7 +51,7 @@ def _write_case(path: Path, organs: tuple[str, ...], rng: np.random.Generator) -
     keep = {ORGANS.index(o) + 1 for o in organs}
     label = np.where(np.isin(label, list(keep)), label, 0).astype(np.uint8)
     image = (rng.normal(0.0, 1.0, shape) + 2.0 * label).astype(np.float32)
-    np.savez_compressed(path, image=image, label=label, labelled=labelled_mask(organs))
+    write_case(path, {"image": image, "label": label, "labelled": labelled_mask(organs)})
     rows = [
         {"case": path.stem, "z": z, "y": y, "x": x, "organ": organ, "fraction": 0.5}
         for organ in organs
@@ -70,9 +71,9 @@ def make_sites(root: Path) -> dict[str, SiteData]:
         frames, npz = [], {}
         for i in range(n):
             case = f"{site}_{i:03d}"
-            npz[case] = folder / f"{case}.npz"
+            npz[case] = case_path(folder, case)
             frames.append(_write_case(npz[case], organs, rng))
-        _write_case(folder / f"{site}_val.npz", organs, rng)
+        _write_case(case_path(folder, f"{site}_val"), organs, rng)
         index = pd.concat(frames).assign(site=site)
         (root / "patches").mkdir(exist_ok=True)
         index.to_parquet(root / "patches" / f"{site}.parquet")

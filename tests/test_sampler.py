@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fedpsmos.organs import labelled_mask
+from fedpsmos.preprocessing.storage import case_path, read_case, write_case
 from fedpsmos.training.augmentation import AugmentationSettings, _spatial, augment_batch
 from fedpsmos.training.sampler import (
     PatchSampler,
@@ -34,7 +35,7 @@ def write_site(
     seed: int = 0,
     test_cases: int = 0,
 ) -> SiteData:
-    """Write a tiny site in the architecture's formats: ``{case}.npz``, a patch-index parquet, a manifest.
+    """Write a tiny site in the architecture's formats: ``{case}.b2zip``, a patch-index parquet, a manifest.
 
     Labels hold every global organ (partially labelled sites zero the others, as preprocessing does); the
     patch index lists corners on a coarse grid, including test cases that must never be sampled.
@@ -52,16 +53,18 @@ def write_site(
             label[2:6, 2:10, 1 + 2 * (c - 1) : 3 + 2 * (c - 1)] = c
         label[~mask[label]] = 0  # unlabelled organs look like background
         image = (rng.normal(size=shape) + label).astype(np.float32)
-        np.savez_compressed(
-            npz_dir / f"{case}.npz",
-            image=image,
-            label=label,
-            labelled=mask,
-            spacing=np.ones(3),
-            sitk_size=np.array(shape[::-1], dtype=np.int64),
-            sitk_spacing=np.ones(3),
-            sitk_origin=np.zeros(3),
-            sitk_direction=np.eye(3).reshape(-1),
+        write_case(
+            case_path(npz_dir, case),
+            {
+                "image": image,
+                "label": label,
+                "labelled": mask,
+                "spacing": np.ones(3),
+                "sitk_size": np.array(shape[::-1], dtype=np.int64),
+                "sitk_spacing": np.ones(3),
+                "sitk_origin": np.zeros(3),
+                "sitk_direction": np.eye(3).reshape(-1),
+            },
         )
         for z, y, x in [(0, 0, 0), (4, 4, 4), (2, 0, 4), (6, 8, 8)]:  # the last one overhangs: padded
             rows.append(
@@ -192,6 +195,54 @@ def test_sampling_is_seeded_and_its_state_restores(tmp_path: Path) -> None:
         assert torch.equal(x, y)
 
 
+def test_batch_i_is_a_function_of_seed_and_i_alone(tmp_path: Path) -> None:
+    # Prepare: two samplers of one site and seed, one of another seed
+    site = write_site(tmp_path, "site1", ("liver", "spleen"), cases=3)
+    a = PatchSampler([site], patch_size=PATCH, patches_per_iteration=2, seed=7, augment=True)
+    b = PatchSampler([site], patch_size=PATCH, patches_per_iteration=2, seed=7, augment=True)
+    other = PatchSampler([site], patch_size=PATCH, patches_per_iteration=2, seed=8, augment=True)
+    # Execute: a in order, b backwards, other with a's seed passed per batch
+    forward = [a.next_batch() for _ in range(6)]
+    backward = {i: b.batch(i) for i in reversed(range(6))}
+    passed = [other.batch(i, seed=7) for i in range(6)]
+    own = [other.batch(i) for i in range(6)]
+    # Assert
+    for i in range(6):
+        assert all(torch.equal(x, y) for x, y in zip(forward[i], backward[i], strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(forward[i], passed[i], strict=True))
+    assert any(not torch.equal(x[0], y[0]) for x, y in zip(forward, own, strict=True))
+    assert a.state_dict() == {"iteration": 6} and b.state_dict() == {"iteration": 0}
+
+
+def test_patch_outside_the_volume_is_padded_with_the_stored_minimum(tmp_path: Path) -> None:
+    # Prepare: one row whose patch hangs over the far corner of an 8 x 12 x 12 case
+    site = write_site(tmp_path, "site1", ("liver",), cases=1)
+    pd.DataFrame(
+        [{"case": "site1_000", "z": 6, "y": 8, "x": 8, "organ": "liver", "fraction": 0.5}]
+    ).to_parquet(site.patches)
+    sampler = PatchSampler([site], patch_size=PATCH, patches_per_iteration=1, seed=0, augment=False)
+    case = read_case(site.npz_paths["site1_000"])
+    # Execute
+    image, target, _ = sampler.next_batch()
+    # Assert: the inside is the case's corner, the outside its minimum intensity and background
+    assert torch.equal(image[0, 0, :2, :4, :4], torch.from_numpy(case["image"][6:, 8:, 8:]))
+    assert float(image[0, 0, 2:].unique()) == float(case["image"].min())
+    assert int(target[0, 0, 2:].max()) == 0
+
+
+def test_corrupt_case_file_is_refused_with_its_name(tmp_path: Path) -> None:
+    # Prepare: flip one byte inside the stored image of one case
+    site = write_site(tmp_path, "site1", ("liver",), cases=1)
+    path = site.npz_paths["site1_000"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    sampler = PatchSampler([site], patch_size=PATCH, patches_per_iteration=1, seed=0, augment=False)
+    # Execute / Assert
+    with pytest.raises(SamplerError, match=f"{path.name}.*corrupt"):
+        sampler.next_batch()
+
+
 def test_class_map_turns_a_partial_site_into_a_fully_labelled_binary_one(tmp_path: Path) -> None:
     # Prepare: site-alone liver model: liver -> 1, everything else -> background
     full = write_site(tmp_path, "site1", ("liver", "spleen", "pancreas", "kidney_left", "kidney_right"))
@@ -211,7 +262,7 @@ def test_class_map_turns_a_partial_site_into_a_fully_labelled_binary_one(tmp_pat
 def test_index_without_training_rows_is_refused(tmp_path: Path) -> None:
     # Prepare
     site = write_site(tmp_path, "site2", ("liver",))
-    no_rows = SiteData(site="site2", npz_paths={"site2_999": Path("x.npz")}, patches=site.patches)
+    no_rows = SiteData(site="site2", npz_paths={"site2_999": Path("x.b2zip")}, patches=site.patches)
     # Execute / Assert
     with pytest.raises(SamplerError, match="site2.parquet: no patch"):
         PatchSampler([no_rows], patch_size=PATCH, patches_per_iteration=2, seed=0, augment=False)
@@ -249,3 +300,35 @@ def test_augmentation_is_a_function_of_the_generator_and_keeps_classes() -> None
     assert a[0].shape == image.shape and a[1].dtype == torch.int64
     assert set(torch.unique(a[1]).tolist()) <= {0, 1, 2}
     assert all(math.isfinite(v) for v in a[0].flatten().tolist())
+
+
+def test_extended_augmentation_cuts_the_enlarged_crop_centred_on_the_patch(tmp_path: Path) -> None:
+    # Prepare: extended settings whose rotation and scaling are drawn but do nothing, and no other transform,
+    # so the augmented batch is the centre of the enlarged crop: the plain patch, if the crop is centred
+    site = write_site(tmp_path, "site1", ("liver", "spleen"), cases=2, shape=(12, 24, 24))
+    patch = (4, 16, 16)  # enlarged to (4, 18, 18): the crop starts one voxel before the patch in y and x
+    still = AugmentationSettings(
+        extended=True,
+        p_rotation=1.0,
+        rotation=0.0,
+        p_scaling=0.0,
+        p_noise=0.0,
+        p_blur=0.0,
+        p_brightness=0.0,
+        p_contrast=0.0,
+        p_low_resolution=0.0,
+        p_gamma_inverted=0.0,
+        p_gamma=0.0,
+        p_mirror=0.0,
+    )
+    plain = PatchSampler([site], patch_size=patch, patches_per_iteration=2, seed=3, augment=False)
+    enlarged = PatchSampler(
+        [site], patch_size=patch, patches_per_iteration=2, seed=3, augment=True, augmentation=still
+    )
+    # Execute
+    batches = [(plain.batch(i), enlarged.batch(i)) for i in range(6)]
+    # Assert
+    assert enlarged.crop_size == (4, 18, 18)
+    for (image, target, _), (image_e, target_e, _) in batches:
+        assert image_e.shape == image.shape and torch.equal(target_e, target)
+        assert torch.allclose(image_e, image, atol=1e-5)

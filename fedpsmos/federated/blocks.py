@@ -12,6 +12,16 @@ the coordinator's memory) is given only its own site's ``SiteData`` and reads on
 global model. It keeps its trainer state (and, with validation cases, its running best model) in memory
 between rounds and writes it every round. On CUDA worker ``i`` takes ``cuda:{i % n_gpus}``.
 
+Batch workers: the job's threads are split evenly among the sites (``threads_per_worker``), and each site
+worker on a GPU makes its batches with ``threads_per_worker - 1`` background processes
+(:mod:`fedpsmos.training.loader`; none on the CPU under ``training.workers: auto``; with an integer, at most
+that many), started once
+for the whole block, and trains with the remaining torch thread(s). A block of K sites therefore runs at
+most ``threads`` processes in all (the paper profile: 4 GPUs x 8 cores = 32 threads, 5 sites: 6 each, 5
+batch workers a site), never K x N without bound.
+Site workers are not daemonic processes, since those may not have children; the coordinator joins, and if
+need be terminates, every one of them on any exit.
+
 Resume: a block restarts from the first round in ``first..last`` that is not complete (all of its files
 exist and verify), reloading each site's private state of the round before. Since every local round's
 randomness is seeded by ``(seed, site, round)`` (site_round.py), a resumed block and the per-round rules
@@ -195,7 +205,8 @@ def run_block(
     plan:
         Local iterations, seed, attempts, failure policy (:class:`~fedpsmos.federated.site_round.RoundPlan`).
     threads_per_worker:
-        ``torch.set_num_threads`` in each worker (CPU runs).
+        Threads of each site worker: at most ``threads_per_worker - 1`` batch workers, the rest torch
+        threads (module docstring).
     validation:
         ``{site: validation cases}``; worker ``i`` receives only its own site's (none: no selection).
     """
@@ -251,14 +262,14 @@ def run_block_job(
     manifests, patches:
         Per-site ``manifest.json`` and patch index.
     cases:
-        Every site's training ``.npz`` in one list; each is assigned to the site named by its folder
-        (``results/preprocessed/{site}/{case}.npz``).
+        Every site's training case files in one list; each is assigned to the site named by its folder
+        (``results/preprocessed/{site}/{case}.b2zip``).
     first_round, last_round, local_iterations, seed, attempts, on_site_failure:
         See :func:`run_block`.
     loss_spec, training, patch_size, device:
         See :func:`~fedpsmos.federated.site_round.local_settings`.
     threads_per_worker:
-        Torch threads per site worker.
+        Threads of each site worker, see :func:`run_block`.
     """
     previous_global = Path(previous_global)
     if previous_global.parent.name != f"round_{first_round - 1}":
@@ -283,7 +294,13 @@ def run_block_job(
         first_round=first_round,
         last_round=last_round,
         sites=data,
-        local=local_settings(loss_spec=loss_spec, training=training, patch_size=patch_size, device=device),
+        local=local_settings(
+            loss_spec=loss_spec,
+            training=training,
+            patch_size=patch_size,
+            device=device,
+            threads=threads_per_worker,
+        ),
         plan=RoundPlan(
             local_iterations=local_iterations, seed=seed, attempts=attempts, on_site_failure=on_site_failure
         ),
@@ -304,6 +321,7 @@ def _run_rounds(
     validation: Mapping[str, tuple[ValidationCase, ...]],
 ) -> None:
     devices = worker_devices(local.device, len(sites))
+    batch_workers = min(local.workers, max(0, int(threads_per_worker) - 1))  # bounded: module docstring
     ctx = mp.get_context("spawn")
     workers: list[tuple[str, Any, Connection]] = []
     try:
@@ -316,13 +334,13 @@ def _run_rounds(
                 args=(
                     theirs,
                     site_data,
-                    dataclasses.replace(local, device=device),
+                    dataclasses.replace(local, device=device, workers=batch_workers),
                     private_in,
                     threads_per_worker,
                     validation.get(site, ()),
                 ),
                 name=f"fedpsmos-site-{site}",
-                daemon=True,
+                daemon=False,  # it starts batch workers; the finally below joins or terminates it
             )
             proc.start()
             theirs.close()
@@ -381,7 +399,7 @@ def _site_worker(
     validation: tuple[ValidationCase, ...] = (),
 ) -> None:
     """A site's process: load its private state once, then run each round the coordinator asks for."""
-    torch.set_num_threads(threads)
+    torch.set_num_threads(max(1, threads - local.workers))  # the site's other threads make its batches
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {site_data.site} %(levelname)s %(message)s")
     runner = SiteRunner(site_data=site_data, local=local, validation=validation)
     try:
@@ -390,19 +408,22 @@ def _site_worker(
         startup_error: Exception | None = exc
     else:
         startup_error = None
-    while True:
-        try:
-            request = conn.recv()
-        except EOFError:
-            return
-        if request is None:
-            return
-        if startup_error is not None:
-            conn.send(("error", f"{startup_error}"))
-            continue
-        try:
-            meta = runner.run_round(**request)
-        except Exception as exc:
-            conn.send(("error", f"{exc}"))
-        else:
-            conn.send(("ok", meta))
+    try:
+        while True:
+            try:
+                request = conn.recv()
+            except EOFError:
+                return
+            if request is None:
+                return
+            if startup_error is not None:
+                conn.send(("error", f"{startup_error}"))
+                continue
+            try:
+                meta = runner.run_round(**request)
+            except Exception as exc:
+                conn.send(("error", f"{exc}"))
+            else:
+                conn.send(("ok", meta))
+    finally:
+        runner.close()  # the site's batch workers

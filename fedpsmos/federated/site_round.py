@@ -11,6 +11,11 @@ Local validation and best-model selection (paper Sec. 4.2): when the site holds 
 the global model it received and its model after local training on them, reports the per-organ Dice of both
 (``val_dice``, ``val_dice_local``) and keeps its running best model in its private state
 (:mod:`fedpsmos.federated.site_selection`, which also writes the selected model after the last round).
+
+Batches: with ``workers`` > 0 (:class:`LocalSettings`, from config ``training.workers`` and the job's
+threads) a site keeps one :class:`~fedpsmos.training.loader.BatchLoader` for as long as its runner lives (a
+block worker: every round of the block), so its worker processes start once, not every round; each round's
+trainer draws from it with the round's seed.
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ from fedpsmos.federated.site_selection import (
     updated_best,
 )
 from fedpsmos.io import resolve_device
+from fedpsmos.preprocessing.storage import case_id
 from fedpsmos.training.checkpoint import (
     load_checkpoint,
     load_model_state,
     model_state_to_cpu,
     save_checkpoint,
 )
+from fedpsmos.training.loader import BatchLoader, resolve_workers, training_sampler
 from fedpsmos.training.sampler import SiteData
 from fedpsmos.training.selection import ValidationCase
 
@@ -69,13 +76,15 @@ class LocalSettings:
     """How a site trains in a round: everything the Trainer needs except the data and the seed.
 
     ``settings`` is a :class:`fedpsmos.training.trainer.TrainSettings`; ``loss_spec`` is what
-    :func:`fedpsmos.losses.build_loss` takes.
+    :func:`fedpsmos.losses.build_loss` takes; ``workers`` the site's batch worker processes (0: batches in
+    the training thread; the weights do not depend on it).
     """
 
     loss_spec: Any
     settings: Any
     patch_size: tuple[int, int, int]
     device: str = "cpu"
+    workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,7 @@ class SiteRunner:
     best: dict[str, Any] | None = None
     _model: torch.nn.Module | None = field(default=None, repr=False)
     _network: Any = field(default=None, repr=False)
+    _loader: BatchLoader | None = field(default=None, repr=False)
 
     @property
     def site(self) -> str:
@@ -220,6 +230,28 @@ class SiteRunner:
         self.trainer_state = state
         return meta
 
+    def _batch_loader(self) -> BatchLoader | None:
+        # Started once per runner and shared by its rounds' trainers (module docstring).
+        if self.local.workers < 1:
+            return None
+        if self._loader is None:
+            device = torch.device(self.local.device)
+            sampler = training_sampler(
+                [self.site_data],
+                settings=self.local.settings,
+                seed=0,
+                device=device,
+                patch_size=self.local.patch_size,
+            )
+            self._loader = BatchLoader(sampler, workers=self.local.workers, pin_memory=device.type == "cuda")
+        return self._loader
+
+    def close(self) -> None:
+        """Shut down the site's batch workers (if any)."""
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+
     def _model_for(self, network: Mapping[str, Any]) -> torch.nn.Module:
         # Built once per runner: a block worker reuses it across rounds, the weights are reloaded each round.
         if self._model is None or self._network != dict(network):
@@ -250,6 +282,7 @@ class SiteRunner:
             seed=seed_r,
             device=self.local.device,
             patch_size=self.local.patch_size,
+            loader=self._batch_loader(),
         )
         if self.trainer_state:
             # The rng comes from the (site, round) seed, not from history: see the module docstring.
@@ -266,7 +299,13 @@ class SiteRunner:
 
     def _score(self, model: torch.nn.Module) -> tuple[dict[str, float], float | None]:
         """Per-organ validation Dice and selection score of ``model`` (``{}, None`` without validation)."""
-        return score_model(model, self.validation, patch_size=self.local.patch_size, device=self.local.device)
+        return score_model(
+            model,
+            self.validation,
+            patch_size=self.local.patch_size,
+            device=self.local.device,
+            precision=self.local.settings.precision,
+        )
 
 
 def run_site_round(
@@ -299,14 +338,17 @@ def run_site_round(
         This site's validation cases (empty: no scoring, no selection).
     """
     runner = SiteRunner(site_data=site_data, local=local, validation=tuple(validation))
-    runner.load_private(private_in)
-    return runner.run_round(
-        global_path=global_path,
-        round_index=round_index,
-        plan=plan,
-        out_site=out_site,
-        out_private=out_private,
-    )
+    try:
+        runner.load_private(private_in)
+        return runner.run_round(
+            global_path=global_path,
+            round_index=round_index,
+            plan=plan,
+            out_site=out_site,
+            out_private=out_private,
+        )
+    finally:
+        runner.close()
 
 
 def run_site_round_job(
@@ -328,6 +370,7 @@ def run_site_round_job(
     out_site: str | Path,
     out_private: str | Path,
     device: str | None = None,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """The per-(round, site) rule's entry point: plain rule inputs and params -> :func:`run_site_round`.
 
@@ -339,7 +382,7 @@ def run_site_round_job(
         See :func:`run_site_round`.
     site, manifest, cases, patches:
         See :func:`site_data_from_files`.
-    loss_spec, training, patch_size, device:
+    loss_spec, training, patch_size, device, threads:
         See :func:`local_settings`.
     """
     plan = RoundPlan(
@@ -349,7 +392,9 @@ def run_site_round_job(
         global_path=global_path,
         private_in=private_in,
         site_data=site_data_from_files(site, manifest, cases, patches),
-        local=local_settings(loss_spec=loss_spec, training=training, patch_size=patch_size, device=device),
+        local=local_settings(
+            loss_spec=loss_spec, training=training, patch_size=patch_size, device=device, threads=threads
+        ),
         plan=plan,
         round_index=round_index,
         out_site=out_site,
@@ -361,7 +406,7 @@ def run_site_round_job(
 def site_data_from_files(
     site: str, manifest: str | Path, cases: Sequence[str | Path], patches: str | Path
 ) -> SiteData:
-    """A site's :class:`SiteData` from the files a rule was given: its manifest, ``.npz`` cases and index.
+    """A site's :class:`SiteData` from the files a rule was given: its manifest, case files and index.
 
     The rule may hand over every preprocessed case of the site (the split is only known once the manifest
     exists); only the manifest's ``train`` cases are used, and every one of them must be there, so a rule can
@@ -374,7 +419,7 @@ def site_data_from_files(
     manifest:
         ``results/data/{site}/manifest.json``.
     cases:
-        ``results/preprocessed/{site}/{case}.npz``, at least the training cases.
+        ``results/preprocessed/{site}/{case}.b2zip``, at least the training cases.
     patches:
         ``results/patches/{site}.parquet``.
     """
@@ -382,7 +427,7 @@ def site_data_from_files(
         train = sorted(Manifest.load(manifest, site=site).train)
     except ManifestError as exc:
         raise RoundError(str(exc)) from None
-    given = {Path(p).stem: Path(p) for p in cases}
+    given = {case_id(p): Path(p) for p in cases}
     missing = [case for case in train if case not in given]
     if missing or not train:
         raise RoundError(f"{manifest}: site {site} training cases missing from the rule's inputs: {missing}")
@@ -396,6 +441,7 @@ def local_settings(
     training: Mapping[str, Any],
     patch_size: Sequence[int],
     device: str | None = None,
+    threads: int = 1,
 ) -> LocalSettings:
     """:class:`LocalSettings` from plain config values (the ``training`` section, the loss combination).
 
@@ -410,15 +456,20 @@ def local_settings(
     device:
         ``cpu``, ``cuda`` or ``cuda:N``; ``None``: :func:`fedpsmos.io.resolve_device` (rules pass no device;
         the hardware decides).
+    threads:
+        the job's threads: ``training.workers: auto`` gives ``threads - 1`` batch workers on CUDA, none on
+        the CPU (:func:`fedpsmos.training.loader.resolve_workers`).
     """
     from fedpsmos.training.trainer import TrainSettings
 
     size = tuple(int(s) for s in patch_size)
     if len(size) != 3:
         raise ValueError(f"patch_size must have three entries (z, y, x), got {list(patch_size)}")
+    device = device or str(resolve_device())
     return LocalSettings(
         loss_spec=loss_spec,
         settings=TrainSettings.from_config(dict(training)),
         patch_size=size,  # type: ignore[arg-type]
-        device=device or str(resolve_device()),
+        device=device,
+        workers=resolve_workers(training.get("workers", "auto"), threads, device),
     )

@@ -47,7 +47,7 @@ def site_validation_from_files(
     manifest:
         ``results/data/{site}/manifest.json``; its ``validation`` list (absent or empty: no validation).
     cases:
-        ``results/preprocessed/{site}/{case}.npz`` handed to the rule.
+        ``results/preprocessed/{site}/{case}.b2zip`` handed to the rule.
     """
     try:
         return validation_cases_from_manifest(site, manifest, list(cases))
@@ -61,6 +61,7 @@ def score_model(
     *,
     patch_size: tuple[int, int, int],
     device: str,
+    precision: str = "auto",
 ) -> tuple[dict[str, float], float | None]:
     """Per-organ validation Dice and selection score of ``model`` (``{}, None`` without validation cases).
 
@@ -72,10 +73,14 @@ def score_model(
         The site's own validation cases.
     patch_size, device:
         Sliding-window patch ``(z, y, x)`` and the device the model runs on.
+    precision:
+        The training precision (:mod:`fedpsmos.precision`), so the site scores the model as it trains.
     """
     if not validation:
         return {}, None
-    per_case = case_dice(model, validation, organs=ORGANS, patch_size=patch_size, device=device)
+    per_case = case_dice(
+        model, validation, organs=ORGANS, patch_size=patch_size, device=device, precision=precision
+    )
     return organ_means(per_case), mean_score(per_case)
 
 

@@ -40,6 +40,7 @@ from fedpsmos.inference.predict import (
     predict_probabilities,
 )
 from fedpsmos.io import check_scan, read_image, resolve_device
+from fedpsmos.precision import PRECISIONS
 from fedpsmos.preprocessing.fingerprint import SETTING_KEYS
 from fedpsmos.preprocessing.orientation import array_to_original, orientation_record, reorient
 from fedpsmos.preprocessing.scan import image_to_network_grid
@@ -252,13 +253,21 @@ def _predict_scan(
     step: float,
     mirror: bool,
     device: torch.device,
+    precision: str,
     save_probabilities: bool,
 ) -> None:
     """Predict one scan and write its label file (and probabilities) into ``out_dir``."""
     image = read_scan(scan)
     case = scan_case(image, scan.path, settings)
     probabilities = predict_probabilities(
-        net, classes, case["image"], patch_size=patch_size, step=step, mirror=mirror, device=device
+        net,
+        classes,
+        case["image"],
+        patch_size=patch_size,
+        step=step,
+        mirror=mirror,
+        device=device,
+        precision=precision,
     )
     # The probabilities go into the scan's own voxel order as each class is resampled (float16 halves them).
     kept = np.empty((len(classes), *reversed(image.GetSize())), np.float16) if save_probabilities else None
@@ -295,6 +304,7 @@ def predict_folder(
     save_probabilities: bool = False,
     ending: str = ".nii.gz",
     progress: bool = True,
+    precision: str = "auto",
 ) -> list[Path]:
     """Segment every scan of ``input_path`` with a workflow model; return the label files written.
 
@@ -319,11 +329,16 @@ def predict_folder(
         Label file ending: ``.nii.gz``, ``.nii``, ``.mha`` or ``.nrrd``.
     progress:
         Show a tqdm progress bar.
+    precision:
+        The network's autocast: ``auto`` (bf16 or fp16 on CUDA, float32 elsewhere), ``bf16``, ``fp16`` or
+        ``fp32`` (:mod:`fedpsmos.precision`).
     """
     if ending not in OUTPUT_ENDINGS:
         raise ApplyError(f"ending must be one of {', '.join(OUTPUT_ENDINGS)}, got {ending!r}")
     if not 0 < step <= 1:
         raise ApplyError(f"step must be in (0, 1], got {step}")
+    if precision not in PRECISIONS:
+        raise ApplyError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     out = Path(output_dir)
     source = Path(input_path)
     if source.exists() and (out.resolve() == source.resolve() or out.resolve() in source.resolve().parents):
@@ -355,6 +370,7 @@ def predict_folder(
                     step=step,
                     mirror=mirror,
                     device=dev,
+                    precision=precision,
                     save_probabilities=save_probabilities,
                 )
             except ApplyError:

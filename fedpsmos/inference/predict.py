@@ -1,6 +1,6 @@
 """Predict a site's test cases and write them in the original geometry (docs/design.md "Inference").
 
-For each test case of a site's manifest: load its preprocessed ``.npz``, run the Gaussian sliding window
+For each test case of a site's manifest: load its preprocessed case file, run the Gaussian sliding window
 (:mod:`fedpsmos.inference.sliding_window`), turn the logits into softmax probabilities, resample them class
 by class to the canonically oriented original grid and take the argmax there
 (:func:`fedpsmos.inference.probabilities.argmax_on_grid`; ``resample="labels"`` instead takes the argmax on
@@ -30,8 +30,10 @@ from fedpsmos.inference.sliding_window import predict_logits
 from fedpsmos.io import resolve_device
 from fedpsmos.network import NetworkSpec, build_network
 from fedpsmos.organs import CLASS_INDEX, CLASSES
+from fedpsmos.precision import check_precision
 from fedpsmos.preprocessing.orientation import RECORD_KEYS, array_to_original
 from fedpsmos.preprocessing.resample import resample_label_to_geometry
+from fedpsmos.preprocessing.storage import case_path, read_case
 from fedpsmos.training.checkpoint import load_checkpoint, load_model_state
 
 NPZ_KEYS = ("image", "spacing", "sitk_size", "sitk_spacing", "sitk_origin", "sitk_direction", *RECORD_KEYS)
@@ -95,19 +97,16 @@ def load_case(npz_path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     Parameters
     ----------
     npz_path:
-        ``results/preprocessed/{site}/{case}.npz``.
+        ``results/preprocessed/{site}/{case}.b2zip``.
     """
     path = Path(npz_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: preprocessed case not found")
-    with np.load(path) as data:
-        missing = [k for k in NPZ_KEYS if k not in data.files]
-        if missing:
-            raise ValueError(
-                f"{path}: preprocessed case lacks keys {missing} (written before canonical orientation? "
-                "preprocess it again)"
-            )
-        case = {k: np.asarray(data[k]) for k in NPZ_KEYS}
+    case = read_case(path, NPZ_KEYS)  # FileNotFoundError, or CaseStorageError naming the file
+    missing = [k for k in NPZ_KEYS if k not in case]
+    if missing:
+        raise ValueError(
+            f"{path}: preprocessed case lacks keys {missing} (written before canonical orientation? "
+            "preprocess it again)"
+        )
     if case["image"].ndim != 3:
         raise ValueError(f"{path}: image must be [Z, Y, X], got shape {case['image'].shape}")
     return case
@@ -122,6 +121,7 @@ def predict_probabilities(
     step: float,
     mirror: bool,
     device: torch.device,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """Softmax class probabilities ``[C, Z, Y, X]`` (float32, on ``device``) of a preprocessed image.
 
@@ -131,7 +131,7 @@ def predict_probabilities(
         The network and its channel names (:func:`load_model`).
     image:
         Normalised image ``[Z, Y, X]`` on the preprocessed grid.
-    patch_size, step, mirror, device:
+    patch_size, step, mirror, device, precision:
         Sliding-window settings (:func:`fedpsmos.inference.sliding_window.predict_logits`).
     """
     logits = predict_logits(
@@ -141,6 +141,7 @@ def predict_probabilities(
         step=step,
         mirror=mirror,
         device=device,
+        precision=precision,
     )
     if logits.shape[0] != len(classes):
         raise ValueError(
@@ -245,6 +246,7 @@ def predict_site(
     mirror: bool = False,
     device: str | torch.device | None = None,
     resample: str = "probabilities",
+    precision: str = "auto",
 ) -> list[Path]:
     """Predict every test case of a site and write ``{out_dir}/{case}.nii.gz`` in the original geometry.
 
@@ -255,7 +257,7 @@ def predict_site(
     manifest_path:
         The site's manifest; its ``test`` list selects the cases.
     npz_dir:
-        Directory of the site's preprocessed ``{case}.npz``.
+        Directory of the site's preprocessed ``{case}.b2zip``.
     out_dir:
         Prediction directory, written whole (temporary sibling renamed at the end).
     patch_size, step, mirror:
@@ -266,8 +268,12 @@ def predict_site(
         ``"probabilities"`` (resample the class probabilities to the original grid, then take the argmax) or
         ``"labels"`` (argmax on the preprocessed grid, nearest-neighbour label map); config
         ``inference.resample``.
+    precision:
+        The network's autocast, ``auto`` (bf16 or fp16 on CUDA, float32 on the CPU), ``bf16``, ``fp16`` or
+        ``fp32`` (:mod:`fedpsmos.precision`); the probabilities are float32 whatever it is.
     """
     check_resample(resample)
+    check_precision(precision)
     dev = resolve_device(device)
     cases = Manifest.load(manifest_path).test
     if not cases:
@@ -276,9 +282,16 @@ def predict_site(
     written = []
     with atomic_directory(out_dir) as tmp:
         for case_id in cases:
-            case = load_case(Path(npz_dir) / f"{case_id}.npz")
+            case = load_case(case_path(npz_dir, case_id))
             probabilities = predict_probabilities(
-                net, classes, case["image"], patch_size=patch_size, step=step, mirror=mirror, device=dev
+                net,
+                classes,
+                case["image"],
+                patch_size=patch_size,
+                step=step,
+                mirror=mirror,
+                device=dev,
+                precision=precision,
             )
             label = oriented_label(probabilities, classes, case, resample=resample)
             del probabilities

@@ -16,6 +16,11 @@ same for its lateralised classes).
 Differences from nnU-Net's predictor, on purpose: accumulation is in float32 (nnU-Net uses float16, which is
 why its logits differ from ours by about 1e-3) and tiles are batched (two per forward pass by default).
 
+Precision: the network runs under the autocast of ``precision`` (:mod:`fedpsmos.precision`), by default the
+rule training uses (``auto``: bf16 on a CUDA GPU that has it, fp16 on older CUDA GPUs - nnU-Net's choice on
+every GPU - and float32 on the CPU, bit-identical to inference without autocast). Each tile's output is cast
+to float32 before the softmax, the Gaussian weighting and the accumulation, whatever the precision.
+
 Why batches of tiles: on the CPU, PyTorch sends a 3-D convolution whose input has batch 1 and
 ``N*C*D*H <= 20480`` (every layer of a small patch, the first layers of a paper patch) to the unblocked
 ``slow_conv3d`` kernel instead of oneDNN; with two or more tiles per pass every convolution takes oneDNN,
@@ -34,6 +39,8 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
+
+from fedpsmos.precision import autocast, resolve_precision
 
 # Spatial axes (z, y, x) that test-time mirroring flips: not x, the left-right axis (module docstring).
 MIRROR_AXES = (0, 1)
@@ -139,6 +146,7 @@ def predict_logits(
     mirror_axes: Sequence[int] = MIRROR_AXES,
     device: torch.device | str | None = None,
     batch_size: int = 2,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """Gaussian-weighted sliding-window prediction of a whole ``[Z, Y, X]`` volume (module docstring).
 
@@ -161,6 +169,8 @@ def predict_logits(
         Where the network runs and the sums accumulate; default: the network's parameters' device.
     batch_size:
         Tiles per forward pass (module docstring: 2 or more keeps CPU convolutions on oneDNN).
+    precision:
+        ``auto``, ``bf16``, ``fp16`` or ``fp32``: the network's autocast (module docstring).
 
     Returns
     -------
@@ -178,6 +188,7 @@ def predict_logits(
         first = next(net.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
+    precision = resolve_precision(precision, device)
     data = torch.as_tensor(image, dtype=torch.float32)
     shape = tuple(data.shape)
     pads = _padding(shape, patch)
@@ -193,7 +204,6 @@ def predict_logits(
     net.eval()
     summed: torch.Tensor | None = None
     weights = torch.zeros(padded, dtype=torch.float32, device=device)
-    use_autocast = device.type == "cuda"  # nnU-Net runs CUDA inference in mixed precision too
     fill_batches = device.type == "cpu" and batch_size > 1 and len(starts) > 1
     with torch.inference_mode(), _single_output(net):
         for first_tile in range(0, len(starts), batch_size):
@@ -205,7 +215,7 @@ def predict_logits(
             if fill_batches and len(slices) < batch_size:
                 # Keep the batch of the other passes so the convolutions stay on oneDNN (module docstring).
                 tiles = torch.cat([tiles, tiles[-1:].expand(batch_size - len(slices), *tiles.shape[1:])])
-            with torch.autocast("cuda") if use_autocast else contextlib.nullcontext():
+            with autocast(precision, device):
                 out = _mirrored_forward(net, tiles, mirror, mirror_axes)  # b, c, z, y, x
             out = out[: len(slices)].float()
             if summed is None:

@@ -38,7 +38,13 @@ from torch import nn
 
 from fedpsmos.losses import conventional, exclusion
 from fedpsmos.losses.checks import validate_inputs
-from fedpsmos.losses.conventional import DEFAULT_GAMMA, DEFAULT_SMOOTH, DEFAULT_TOPK_PERCENT, Prepared
+from fedpsmos.losses.conventional import (
+    DEFAULT_GAMMA,
+    DEFAULT_SMOOTH,
+    DEFAULT_TOPK_PERCENT,
+    Prepared,
+    accumulation_dtype,
+)
 from fedpsmos.losses.exclusion import ExclusionPrepared, exclusion_prepare
 from fedpsmos.losses.ignore import fill_ignored, ignored_voxels, keep_exclusion_prepared, keep_prepared
 from fedpsmos.losses.marginal import marginal_prepare
@@ -157,7 +163,8 @@ class PartialLoss(nn.Module):
             return self._evaluate(flat_logits, flat_target, mask, None), _partial_share(mask)
         counted = ~ignored.all(dim=1)  # b: samples with at least one voxel that is not ignored
         if not bool(counted.any()):
-            zero = (flat_logits * 0.0).sum()  # every voxel ignored: nothing to learn, keep the graph
+            # every voxel ignored: nothing to learn, keep the graph
+            zero = (flat_logits * 0.0).sum().to(accumulation_dtype(logits.dtype))
             return {f"marginal/{name}": zero for name in self.marginal_weights}, 0.0
         if not bool(counted.all()):
             flat_logits, flat_target, mask, ignored = (
@@ -208,7 +215,7 @@ class PartialLoss(nn.Module):
             bool ``[B, C+1]``: classes each sample labels, column 0 True; all True = fully labelled.
         """
         values, partial_share = self._terms_and_share(logits, target, labelled)
-        total = logits.new_zeros(())
+        total = logits.new_zeros((), dtype=accumulation_dtype(logits.dtype))
         for key, value in values.items():
             side, name = key.split("/")
             if side == "marginal":

@@ -19,7 +19,14 @@ written for the conventional case ``q = p``):
   voxel-wise CE values, k = 10.
 - Lovasz-softmax (Berman et al. 2018, ``classes='present'``, ``per_image=False``): for every class c present
   in ``y`` (background included) the Lovasz extension of the Jaccard loss with errors ``|y_c - q_c|`` over
-  the whole batch, averaged over those classes."""
+  the whole batch, averaged over those classes.
+
+Precision: every preparation (:func:`conventional_prepare`, the marginal and exclusion ones) first casts the
+logits to :func:`accumulation_dtype`, at least float32, as nnU-Net's softmax runs in float32 under autocast.
+The terms' sums run over every voxel of the batch: the probabilities of one class over two paper patches
+(2 x 80 x 160 x 128 voxels) sum to hundreds of thousands, past float16's maximum 65,504, and bfloat16's 8-bit
+mantissa would round the Dice by about 1%. Float32 and float64 inputs are used as they are (bit-identical to
+a loss without this cast); gradients flow back to half-precision logits through the cast."""
 
 from __future__ import annotations
 
@@ -50,6 +57,17 @@ class Prepared:
     dice_classes: tuple[int, ...]  # foreground channels the Dice averages over
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loss computes in for logits of ``dtype``: float32 for float16/bfloat16, else ``dtype``.
+
+    Parameters
+    ----------
+    dtype:
+        the logits' floating dtype.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _onehot(target: torch.Tensor, num_channels: int) -> torch.Tensor:
     """Boolean one-hot ``[B, K, N]`` of an int64 label map ``[B, N]``."""
     channels = torch.arange(num_channels, device=target.device)
@@ -70,6 +88,7 @@ def prepare_from_log_prob(
     dice_classes:
         foreground channels the Dice averages over.
     """
+    log_prob = log_prob.to(accumulation_dtype(log_prob.dtype))  # sums below must not run in float16
     log_prob_target = torch.gather(log_prob, 1, target[:, None, :])[:, 0]  # b, n
     return Prepared(
         log_prob=log_prob,
@@ -91,7 +110,7 @@ def conventional_prepare(logits: torch.Tensor, target: torch.Tensor) -> Prepared
     target:
         int64 ``[B, N]``: global classes in ``[0, K)``.
     """
-    log_prob = torch.log_softmax(logits, dim=1)  # b, k, n
+    log_prob = torch.log_softmax(logits.to(accumulation_dtype(logits.dtype)), dim=1)  # b, k, n
     return prepare_from_log_prob(log_prob, target, tuple(range(1, logits.shape[1])))
 
 

@@ -107,7 +107,8 @@ class DeepSupervisionLoss(nn.Module):
                 f"target shape {tuple(target.shape)} must match the highest-resolution output "
                 f"{tuple(outputs[0].shape)} in its spatial axes"
             )
-        total = outputs[0].new_zeros(())
+        # a float32 total for half-precision outputs (autocast): the wrapped losses return float32
+        total = outputs[0].new_zeros((), dtype=torch.promote_types(outputs[0].dtype, torch.float32))
         for weight, output in zip(weights, outputs, strict=True):
             if weight == 0.0:
                 continue

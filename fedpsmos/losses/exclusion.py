@@ -37,6 +37,7 @@ from fedpsmos.losses.conventional import (
     DEFAULT_GAMMA,
     DEFAULT_SMOOTH,
     DEFAULT_TOPK_PERCENT,
+    accumulation_dtype,
     topk_fraction_mean,
 )
 from fedpsmos.losses.lovasz import lovasz_extension
@@ -86,7 +87,8 @@ def exclusion_prepare(
     """
     excluded = exclusion_targets(target, labelled)
     nonempty = excluded.any(dim=2).any(dim=0).nonzero().flatten().tolist()
-    return ExclusionPrepared(prob=torch.softmax(logits, dim=1), excluded=excluded, nonempty=tuple(nonempty))
+    prob = torch.softmax(logits.to(accumulation_dtype(logits.dtype)), dim=1)  # b, k, n: sums run in float32
+    return ExclusionPrepared(prob=prob, excluded=excluded, nonempty=tuple(nonempty))
 
 
 def _no_term(prep: ExclusionPrepared) -> torch.Tensor:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from fedpsmos.losses.conventional import Prepared, prepare_from_log_prob
+from fedpsmos.losses.conventional import Prepared, accumulation_dtype, prepare_from_log_prob
 
 
 def marginal_log_prob(logits: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
@@ -60,6 +60,7 @@ def marginal_prepare(logits: torch.Tensor, target: torch.Tensor, labelled: torch
         bool ``[B, K]``: the classes each sample labels; column 0 is True.
     """
     organs_in_batch = labelled[:, 1:].any(dim=0).nonzero().flatten() + 1
+    logits = logits.to(accumulation_dtype(logits.dtype))  # logsumexp and the sums after it in float32
     return prepare_from_log_prob(
         marginal_log_prob(logits, labelled), target, tuple(int(c) for c in organs_in_batch.tolist())
     )

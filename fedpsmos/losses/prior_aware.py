@@ -128,9 +128,9 @@ class PriorAwareLoss(nn.Module):
         # V: background voxels (unlabelled organs read as background; ignored voxels are 255, not 0)
         in_v = flat_target == 0  # b, n
         chosen = (~mask.all(dim=1)) & in_v.any(dim=1)  # b: partially labelled with non-empty V
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 under autocast (module docstring)
         if not bool(chosen.any()):
-            return (logits * 0.0).sum()  # nothing to constrain: an exact zero that keeps the graph
-        dtype = torch.promote_types(logits.dtype, torch.float32)
+            return (logits * 0.0).sum().to(dtype)  # nothing to constrain: an exact zero that keeps the graph
         flat_logits = logits.reshape(batch, channels, -1)[chosen].to(dtype)  # p, k, n
         in_v, merged = in_v[chosen], ~mask[chosen]  # p, n and p, k
         merged[:, 0] = True  # U = background plus the unlabelled organs
@@ -236,7 +236,7 @@ def prior_from_site(
     manifest_path:
         the site's ``manifest.json`` (its ``site`` and ``train`` entries are read).
     npz_dir:
-        the site's preprocessed cases ``{case}.npz``.
+        the site's preprocessed cases ``{case}.b2zip``.
     patch_index_path:
         the site's patch index (parquet).
     patch_size:

@@ -1,4 +1,4 @@
-"""Preprocessing: resampling to the shared spacing, CT normalisation, and the per-case ``.npz``.
+"""Preprocessing: resampling to the shared spacing, CT normalisation, and the per-case file (``storage``).
 
 See :mod:`fedpsmos.preprocessing.resample` for the grid convention and the separable B-spline resampler,
 :mod:`fedpsmos.preprocessing.normalise` for the CT scheme, :mod:`fedpsmos.preprocessing.case` for

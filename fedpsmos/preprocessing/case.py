@@ -1,4 +1,4 @@
-"""Preprocess one case: label map, CT normalisation, resampling, written as the architecture's ``.npz``.
+"""Preprocess one case: label map, CT normalisation, resampling, written as the architecture's case file.
 
 Order of operations, and why:
 
@@ -10,12 +10,14 @@ Order of operations, and why:
 3. Bring image and global label to the canonical orientation (:mod:`fedpsmos.preprocessing.orientation`:
    ``DICOMOrient`` to LPS, a permutation and flip of the axes with no interpolation), so the same anatomy
    gives the same array whether the file stored it LPS, RAS or slice axis first. Before resampling, because
-   the target spacing is given in anatomical (z, y, x) order. The ``.npz`` records the original orientation
+   the target spacing is given in anatomical (z, y, x) order. The case file records the original orientation
    code and the oriented grid so that predictions go back to the file's own voxel order.
 4. Clip and normalise the intensities (paper: mean 90.9, std 65.5) before resampling, as nnU-Net v2's
    ``DefaultPreprocessor`` does: clipping first keeps air/bone edges from ringing through the cubic spline.
 5. Resample the image (order 3 or 1) and the global label map (nearest) to the shared spacing on the
    shared-origin grid of :mod:`fedpsmos.preprocessing.resample`.
+6. Write ``{case}.b2zip`` (:mod:`fedpsmos.preprocessing.storage`: blosc2 volumes a patch read can seek into,
+   checksums in its metadata), atomically.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from fedpsmos.atomic import atomic_path
 from fedpsmos.data.label_map import LabelMap, apply_label_map_image, as_label_map
 from fedpsmos.data.manifest import Manifest
 from fedpsmos.io import ImageError, read_image_pair
@@ -36,6 +37,7 @@ from fedpsmos.organs import CLASS_INDEX, IGNORE_CLASS, LabelMapError, labelled_m
 from fedpsmos.preprocessing.orientation import RECORD_KEYS, orientation_record, reorient
 from fedpsmos.preprocessing.resample import resample_array
 from fedpsmos.preprocessing.scan import PreprocessingError, check_settings, image_to_network_grid
+from fedpsmos.preprocessing.storage import CASE_SUFFIX, write_case
 
 NPZ_KEYS = (
     "image",
@@ -62,7 +64,7 @@ def preprocess_case(
     mean: float,
     std: float,
 ) -> dict[str, Any]:
-    """Preprocess one image/label pair into the ``.npz`` of docs/architecture.md, written atomically.
+    """Preprocess one image/label pair into the case file of docs/architecture.md, written atomically.
 
     The arrays are in the canonical orientation (module docstring, step 3) at the target spacing.
 
@@ -71,7 +73,7 @@ def preprocess_case(
     image_path, label_path:
         The CT image (Hounsfield units) and the site label image on the same grid.
     out_npz:
-        Output path; must end in ``.npz`` (NumPy would otherwise append it).
+        Output path; must end in ``.b2zip`` (:data:`~fedpsmos.preprocessing.storage.CASE_SUFFIX`).
     labels:
         The site's :class:`~fedpsmos.data.label_map.LabelMap` (or a plain ``{organ: [site values]}`` map;
         ``kidney`` is split left/right by body side).
@@ -91,8 +93,8 @@ def preprocess_case(
         unknown class (IGNORE_CLASS).
     """
     image_path, label_path, out_npz = Path(image_path), Path(label_path), Path(out_npz)
-    if out_npz.suffix != ".npz":
-        raise PreprocessingError(f"{out_npz}: output must end in .npz")
+    if not out_npz.name.endswith(CASE_SUFFIX):
+        raise PreprocessingError(f"{out_npz}: output must end in {CASE_SUFFIX}")
     check_settings(image_path, spacing=spacing, image_order=image_order)
     try:
         label_map = as_label_map(labels)
@@ -131,10 +133,7 @@ def preprocess_case(
         "sitk_direction": np.asarray(image.GetDirection(), dtype=np.float64),
         **orientation_record(image, oriented),
     }
-    with atomic_path(
-        out_npz, suffix=".npz"
-    ) as tmp:  # the temporary name keeps the .npz suffix, so NumPy writes it as is
-        np.savez_compressed(tmp, **arrays)
+    write_case(out_npz, arrays)  # atomic
     counts = np.bincount(resampled_label.ravel(), minlength=IGNORE_CLASS + 1)
     return {
         "shape": list(resampled.shape),
@@ -160,7 +159,7 @@ def preprocess_manifest_case(
     case:
         Case id.
     out_npz:
-        Output ``.npz`` path.
+        Output ``.b2zip`` path.
     settings:
         Keyword arguments of :func:`preprocess_case` other than ``labels`` (``spacing``, ``image_order``,
         ``clip``, ``mean``, ``std``).

@@ -12,7 +12,7 @@ axis (:mod:`fedpsmos.training.augmentation` relies on it).
 direction keeps its residual obliqueness, and the geometries of the two grids are related by a signed
 permutation matrix ``M = round(D_original^T @ D_oriented)``. :func:`array_to_original` applies its inverse to
 a NumPy array, so a prediction made on the oriented grid is written back voxel for voxel in the input file's
-own order and geometry. The preprocessed ``.npz`` records the original orientation code and the oriented
+own order and geometry. The preprocessed case file records the original orientation code and the oriented
 grid (:func:`orientation_record`).
 """
 
@@ -77,7 +77,7 @@ def reorient(image: sitk.Image, code: str = CANONICAL) -> sitk.Image:
 
 
 def orientation_record(original: sitk.Image, oriented: sitk.Image) -> dict[str, np.ndarray]:
-    """The ``.npz`` entries that let a prediction on ``oriented``'s grid go back to ``original``'s.
+    """The case file's arrays that let a prediction on ``oriented``'s grid go back to ``original``'s.
 
     ``orientation`` is the original code (a NumPy string, loadable without pickle); ``oriented_size``,
     ``oriented_spacing``, ``oriented_origin`` and ``oriented_direction`` are the oriented grid in SimpleITK
@@ -150,7 +150,7 @@ def array_to_original(
     array_zyx:
         ``[Z, Y, X]`` array on the oriented grid (e.g. a prediction resampled to ``oriented_size``).
     original_direction, oriented_direction:
-        The ``.npz`` keys ``sitk_direction`` and ``oriented_direction``.
+        The case file's arrays ``sitk_direction`` and ``oriented_direction``.
     """
     if array_zyx.ndim != 3:
         raise ValueError(f"expected a [Z, Y, X] array, got shape {array_zyx.shape}")

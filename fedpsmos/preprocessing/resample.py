@@ -223,9 +223,9 @@ def resample_label_to_geometry(
     label_zyx:
         Label map ``[Z, Y, X]`` at ``spacing_zyx`` (e.g. a prediction on a preprocessed case).
     spacing_zyx:
-        Spacing of ``label_zyx`` (the ``.npz`` key ``spacing``).
+        Spacing of ``label_zyx`` (the case file's array ``spacing``).
     sitk_size, sitk_spacing, sitk_origin, sitk_direction:
-        The original geometry in SimpleITK (x, y, z) order (the ``.npz`` keys of the same names).
+        The original geometry in SimpleITK (x, y, z) order (the case file's arrays of the same names).
     """
     size_zyx = [int(v) for v in reversed(list(sitk_size))]
     if label_zyx.ndim != 3 or len(size_zyx) != 3 or len(sitk_spacing) != 3:

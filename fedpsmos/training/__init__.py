@@ -4,6 +4,7 @@ the trainer and its curves. Modules, one concept each:
 - ``sampler``: :class:`SiteData` and :class:`PatchSampler` (a site in proportion to its training cases,
   then a patch-index row uniformly).
 - ``augmentation``: nnU-Net-style augmentation drawn from the sampler's generator.
+- ``loader``: batches made by background worker processes (:class:`BatchLoader`), the trainer's feed.
 - ``schedule``: :class:`PlateauDecay`, the paper's lr x0.8 on a 10-epoch loss plateau.
 - ``checkpoint``: weights-only checkpoints with tensor integrity records (``save_checkpoint``,
   ``load_checkpoint``, ``CheckpointError``).

@@ -17,6 +17,7 @@ import numpy as np
 
 from fedpsmos.network import NetworkSpec
 from fedpsmos.organs import CLASS_INDEX, NUM_CLASSES, ORGANS
+from fedpsmos.training.loader import resolve_workers
 from fedpsmos.training.sampler import site_data_from_manifest
 from fedpsmos.training.selection import validation_cases_from_manifest
 from fedpsmos.training.trainer import TrainSettings, train_model
@@ -59,7 +60,8 @@ def train_from_params(params: Mapping[str, Any], output: Mapping[str, str | Path
         ``network`` (config ``network`` section), ``training`` (config ``training`` section),
         ``patch_size``, ``seed``, ``organs`` (the organs the model outputs), and optionally
         ``preprocessing`` (the resolved ``results/preprocessed/settings.json``, recorded in the checkpoint's
-        meta so that ``fedpsmos predict`` can preprocess new scans the same way).
+        meta so that ``fedpsmos predict`` can preprocess new scans the same way) and ``threads`` (the job's
+        threads, default 1: with ``training.workers: auto`` the batch workers are ``threads - 1``).
     output:
         ``model``, ``curve_csv``, ``curve_png`` paths.
     """
@@ -103,4 +105,7 @@ def train_from_params(params: Mapping[str, Any], output: Mapping[str, str | Path
         meta=meta,
         patch_size=[int(p) for p in params["patch_size"]],
         validation=validation,
+        workers=resolve_workers(
+            params["training"].get("workers", "auto"), int(params.get("threads", 1)), params.get("device")
+        ),
     )

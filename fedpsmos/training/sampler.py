@@ -12,15 +12,22 @@ How the site is drawn (``site_sampling``):
 - ``uniform``: every site the same share whatever its size (one site's few cases are then seen more often).
 
 A batch may mix sites, each sample carrying its own labelled-class mask for the marginal and exclusion
-losses. The sampler opens only the ``.npz`` files of the sites it was given (each site's data is read only
-by that site's rules), lazily, keeping the most recently used cases in memory.
+losses. The sampler opens only the case files of the sites it was given (each site's data is read only
+by that site's rules), lazily, keeping the most recently used ones open; a patch read decodes that patch
+only (:mod:`fedpsmos.preprocessing.storage`), padded outside the volume with the case's minimum intensity.
+
+Determinism: batch ``i`` is a function of ``(seed, i)`` alone. The site and row draws come from
+``np.random.default_rng([seed, i])`` and the augmentation parameters from :func:`augmentation_rng`
+``(seed, i)``, never from a stream shared between batches, so the background loader's workers
+(:mod:`fedpsmos.training.loader`) can make batches in any order and a resumed run needs only the iteration
+counter (:meth:`PatchSampler.state_dict`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +36,9 @@ import pandas as pd
 import torch
 
 from fedpsmos.organs import IGNORE_CLASS, NUM_CLASSES
-from fedpsmos.training.augmentation import augment_batch
-from fedpsmos.training.checkpoint import numpy_generator_state, set_numpy_generator_state
+from fedpsmos.preprocessing.storage import CaseFile, CaseStorageError, case_path, open_case
+from fedpsmos.training.augmentation import AugmentationSettings, augment_batch, input_patch_size
+from fedpsmos.training.transforms import crop_offset
 
 INDEX_COLUMNS = ("case", "z", "y", "x")
 SITE_SAMPLING = ("proportional", "uniform")
@@ -42,17 +50,28 @@ class SamplerError(ValueError):
 
 @dataclass(frozen=True)
 class SiteData:
-    """One site's training data: its preprocessed cases, its patch index and (optionally) its labelled mask.
+    """One site's training data: its preprocessed cases and its patch index.
 
-    ``labelled`` is the bool ``[C + 1]`` mask of the classes the site annotates; ``None`` reads each case's
-    ``labelled`` array from its ``.npz``. Only cases in ``npz_paths`` are sampled, so giving the training
-    cases keeps test cases out even when the patch index lists them.
+    Each case's labelled-class mask is read from its file. Only cases in ``npz_paths`` are sampled, so
+    giving the training cases keeps test cases out even when the patch index lists them.
     """
 
     site: str
     npz_paths: Mapping[str, Path]
     patches: Path
-    labelled: np.ndarray | None = field(default=None, compare=False)
+
+
+def augmentation_rng(seed: int, iteration: int) -> np.random.Generator:
+    """The generator of batch ``iteration``'s augmentation parameters (independent of its patch draws).
+
+    Parameters
+    ----------
+    seed:
+        the training run's (or federated round's) seed, >= 0.
+    iteration:
+        the batch's iteration number, >= 0.
+    """
+    return np.random.default_rng([int(seed), int(iteration), 1])
 
 
 def site_data_from_manifest(
@@ -67,7 +86,7 @@ def site_data_from_manifest(
     manifest:
         ``results/data/{site}/manifest.json``; its ``train`` list names the training cases.
     npz_dir:
-        ``results/preprocessed/{site}``, holding ``{case}.npz``.
+        ``results/preprocessed/{site}``, holding ``{case}.b2zip``.
     patches:
         ``results/patches/{site}.parquet``.
     """
@@ -83,9 +102,7 @@ def site_data_from_manifest(
     train = data.get("train")
     if not isinstance(train, list) or not train:
         raise SamplerError(f"{manifest}: no training cases ('train' list)")
-    return SiteData(
-        site=site, npz_paths={c: Path(npz_dir) / f"{c}.npz" for c in train}, patches=Path(patches)
-    )
+    return SiteData(site=site, npz_paths={c: case_path(npz_dir, c) for c in train}, patches=Path(patches))
 
 
 @dataclass
@@ -123,7 +140,7 @@ def crop_patch(array: np.ndarray, corner: Sequence[int], size: Sequence[int], fi
     Parameters
     ----------
     array:
-        ``[Z, Y, X]`` array.
+        ``[Z, Y, X]`` array: NumPy, or a volume of an opened case (only the box is decoded).
     corner:
         lower corner (z, y, x); may lie partly outside the array.
     size:
@@ -166,7 +183,7 @@ def remap_mask(labelled: np.ndarray, class_map: np.ndarray) -> np.ndarray:
 
 
 class PatchSampler:
-    """Draws batches of patches from several sites' patch indices, deterministically from a seed."""
+    """Draws batches of patches from several sites' patch indices, batch ``i`` a function of ``(seed, i)``."""
 
     def __init__(
         self,
@@ -179,8 +196,9 @@ class PatchSampler:
         class_map: np.ndarray | None = None,
         cache_cases: int = 64,
         site_sampling: str = "proportional",
+        augmentation: AugmentationSettings | None = None,
     ) -> None:
-        """Read the sites' patch indices (the cases themselves are loaded on first use).
+        """Read the sites' patch indices (the cases themselves are opened on first use).
 
         Parameters
         ----------
@@ -191,21 +209,28 @@ class PatchSampler:
         patches_per_iteration:
             batch size.
         seed:
-            seeds the generator that draws sites, rows and augmentation parameters.
+            with the iteration number, seeds the draws of sites, rows and augmentation parameters (>= 0).
         augment:
-            apply :func:`fedpsmos.training.augmentation.augment_batch`.
+            apply :func:`fedpsmos.training.augmentation.augment_batch` to each batch.
         class_map:
             int ``[C + 1]`` mapping global classes to the model's classes (e.g. a site-alone liver model:
             ``[0, 1, 0, 0, 0, 0]``); ``None`` keeps the global classes.
         cache_cases:
-            how many decoded cases to keep in memory (least recently used are dropped).
+            how many opened cases to keep (least recently used are closed).
         site_sampling:
             ``proportional`` (a site with probability ``n_k / n``, as pooled data) or ``uniform``.
+        augmentation:
+            the augmentation the batches get, here (``augment``) or on the training device; with the
+            extended transforms each sample is cut at :func:`~fedpsmos.training.augmentation.input_patch_size`
+            around the patch (nnU-Net's enlarged crop) and brought back to ``patch_size`` by the augmentation.
+            ``None``: no augmentation anywhere (then ``augment`` must be false), or the default settings.
         """
         if not sites:
             raise SamplerError("no site to sample from")
         if patches_per_iteration < 1:
             raise SamplerError(f"patches_per_iteration must be >= 1, got {patches_per_iteration}")
+        if int(seed) < 0:
+            raise SamplerError(f"seed must be >= 0, got {seed}")
         self.patch_size = tuple(int(s) for s in patch_size)
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise SamplerError(f"patch_size must be three positive ints, got {list(patch_size)}")
@@ -216,27 +241,62 @@ class PatchSampler:
         self.class_map = class_map
         self.batch_size = int(patches_per_iteration)
         self.augment = bool(augment)
-        self.rng = np.random.default_rng(seed)
+        self.augmentation = augmentation if augmentation is not None else AugmentationSettings()
+        # What each sample is cut at: the patch, or the enlarged crop of the extended augmentation.
+        self.crop_size = (
+            input_patch_size(self.patch_size, augmentation) if augmentation is not None else self.patch_size
+        )
+        self._crop_shift = np.asarray(crop_offset(self.crop_size, self.patch_size))
+        self.seed = int(seed)
+        self.iteration = 0  # the next batch of next_batch(); the only state that changes while sampling
         self._indices = [_read_index(s) for s in sites]
         if site_sampling not in SITE_SAMPLING:
             raise SamplerError(f"site_sampling must be one of {SITE_SAMPLING}, got {site_sampling!r}")
+        self.site_sampling = site_sampling
         sizes = np.array([len(s.npz_paths) for s in sites], dtype=np.float64)
         self.site_probabilities = (
             sizes / sizes.sum() if site_sampling == "proportional" else np.full(len(sites), 1.0 / len(sites))
         )
-        self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        # (site, case code) -> the open case and its labelled mask over the produced classes
+        self._cache: OrderedDict[tuple[int, int], tuple[CaseFile, np.ndarray]] = OrderedDict()
         self._cache_size = max(1, int(cache_cases))
-        self.opened: set[Path] = set()  # every .npz this sampler has read (the site boundary, tested)
-        self.last_draw: list[
-            tuple[str, str, tuple[int, int, int]]
-        ] = []  # (site, case, corner) of the last batch
+        self.opened: set[Path] = set()  # every case file this sampler has read (the site boundary, tested)
+        self.last_draw: list[tuple[str, str, tuple[int, int, int]]] = []  # (site, case, corner), last batch
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy for a loader worker: open cases (memory maps) stay behind, it opens its own.
+        return {**self.__dict__, "_cache": OrderedDict(), "opened": set()}
 
     @property
     def num_classes(self) -> int:
         """Classes of the targets and masks produced (C + 1, or the model's classes under ``class_map``)."""
         return NUM_CLASSES if self.class_map is None else int(self.class_map.max()) + 1
 
-    def _case(self, s: int, code: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @property
+    def signature(self) -> tuple[Any, ...]:
+        """What decides the batches besides ``(seed, iteration)``: two samplers with equal signatures draw
+        equal batches."""
+        sites = tuple(
+            (
+                i.site.site,
+                tuple(sorted((c, str(p)) for c, p in i.site.npz_paths.items())),
+                str(i.site.patches),
+            )
+            for i in self._indices
+        )
+        class_map = None if self.class_map is None else tuple(int(c) for c in self.class_map)
+        return (
+            sites,
+            self.patch_size,
+            self.crop_size,
+            self.batch_size,
+            self.augment,
+            self.augmentation,
+            class_map,
+            self.site_sampling,
+        )
+
+    def _case(self, s: int, code: int) -> tuple[CaseFile, np.ndarray]:
         key = (s, code)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -245,69 +305,113 @@ class PatchSampler:
         path = Path(index.site.npz_paths[index.cases[code]])
         self.opened.add(path)
         try:
-            with np.load(path) as npz:
-                image = npz["image"].astype(np.float32, copy=False)
-                label = npz["label"]
-                labelled = (
-                    npz["labelled"].astype(bool) if index.site.labelled is None else index.site.labelled
-                )
-        except (OSError, KeyError, ValueError, EOFError) as error:
-            raise SamplerError(f"{path}: cannot read preprocessed case ({error})") from None
-        if image.ndim != 3 or label.shape != image.shape:
-            raise SamplerError(f"{path}: image {image.shape} and label {label.shape} must be equal [Z, Y, X]")
-        labelled = np.asarray(labelled, dtype=bool)
+            case = open_case(path)
+        except (OSError, CaseStorageError) as error:
+            raise SamplerError(str(error) if str(path) in str(error) else f"{path}: {error}") from None
+        if "labelled" not in case.arrays:
+            raise SamplerError(f"{path}: preprocessed case has no 'labelled' array")
+        labelled = np.asarray(case.arrays["labelled"], dtype=bool)
         if labelled.shape != (NUM_CLASSES,):
             raise SamplerError(f"{path}: labelled mask has shape {labelled.shape}, need ({NUM_CLASSES},)")
-        ignored = label == IGNORE_CLASS  # class unknown: kept as IGNORE_CLASS for the losses to skip
-        out_of_range = (label >= NUM_CLASSES) & ~ignored
-        if out_of_range.any():
+        out_of_range = [v for v in case.label_values if v >= NUM_CLASSES and v != IGNORE_CLASS]
+        if out_of_range:
             raise SamplerError(
-                f"{path}: label holds class {int(label[out_of_range].max())} >= {NUM_CLASSES} "
+                f"{path}: label holds class {max(out_of_range)} >= {NUM_CLASSES} "
                 f"(only the ignore label {IGNORE_CLASS} may exceed the classes)"
             )
         if self.class_map is not None:
-            mapped = self.class_map[np.where(ignored, 0, label)]
-            label = np.where(ignored, IGNORE_CLASS, mapped).astype(np.uint8)
             labelled = remap_mask(labelled, self.class_map)
-        entry = (image, label, labelled)
-        self._cache[key] = entry
+        entry = self._cache[key] = (case, labelled)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return entry
 
-    def _draw_rows(self) -> list[tuple[int, int, tuple[int, int, int]]]:
-        # (site number, case code, corner) per sample: a site by its probability, then one row uniformly.
+    def _patch(
+        self, s: int, code: int, corner: tuple[int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        case, labelled = self._case(s, code)
+        z, y, x = (int(c) for c in np.subtract(corner, self._crop_shift))  # the crop centred on the patch
+        corner = (z, y, x)
+        try:
+            # Outside the image is air-like: pad with the case's minimum intensity and background labels
+            # (known background, not the ignore label: nnU-Net also pads labels as background).
+            image = crop_patch(case.image, corner, self.crop_size, case.image_min)
+            label = crop_patch(case.label, corner, self.crop_size, 0)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise SamplerError(f"{case.path}: cannot read a patch at {list(corner)} ({error})") from None
+        if self.class_map is not None:
+            ignored = label == IGNORE_CLASS  # class unknown: kept as IGNORE_CLASS for the losses to skip
+            mapped = self.class_map[np.where(ignored, 0, label)]
+            label = np.where(ignored, IGNORE_CLASS, mapped).astype(np.uint8)
+        return image, label, labelled
+
+    def draw(self, iteration: int, *, seed: int | None = None) -> list[tuple[int, int, tuple[int, int, int]]]:
+        """(site number, case code, corner) of each sample of batch ``iteration``: a site by its probability,
+        then one row of its index uniformly, from ``default_rng([seed, iteration])``.
+
+        Parameters
+        ----------
+        iteration:
+            the batch's iteration number (>= 0).
+        seed:
+            default: the sampler's seed.
+        """
+        rng = np.random.default_rng([self.seed if seed is None else int(seed), int(iteration)])
         out = []
         for _ in range(self.batch_size):
-            s = int(self.rng.choice(len(self._indices), p=self.site_probabilities))
+            s = int(rng.choice(len(self._indices), p=self.site_probabilities))
             index = self._indices[s]
-            r = int(self.rng.integers(len(index.codes)))
+            r = int(rng.integers(len(index.codes)))
             z, y, x = (int(v) for v in index.corners[r])
             out.append((s, int(index.codes[r]), (z, y, x)))
         return out
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One batch: image ``[B, 1, Z, Y, X]`` float32, target ``[B, 1, Z, Y, X]`` int64, mask ``[B, K]``."""
+    def batch(
+        self, iteration: int, *, seed: int | None = None, augment: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch ``iteration``: image ``[B, 1, Z, Y, X]`` float32, target ``[B, 1, Z, Y, X]`` int64, mask
+        ``[B, K]`` bool; a function of ``(seed, iteration)`` alone.
+
+        Parameters
+        ----------
+        iteration:
+            the batch's iteration number (>= 0).
+        seed:
+            default: the sampler's seed.
+        augment:
+            default: the sampler's ``augment``; augmentation draws from :func:`augmentation_rng`.
+        """
+        seed = self.seed if seed is None else int(seed)
         images, targets, masks = [], [], []
         self.last_draw = []
-        for s, code, corner in self._draw_rows():
+        for s, code, corner in self.draw(iteration, seed=seed):
             self.last_draw.append((self._indices[s].site.site, self._indices[s].cases[code], corner))
-            image, label, labelled = self._case(s, code)
-            # Outside the image is air-like: pad with the case's minimum intensity and background labels
-            # (known background, not the ignore label: nnU-Net also pads labels as background).
-            images.append(crop_patch(image, corner, self.patch_size, float(image.min())))
-            targets.append(crop_patch(label, corner, self.patch_size, 0))
+            image, label, labelled = self._patch(s, code, corner)
+            images.append(image)
+            targets.append(label)
             masks.append(labelled)
         image_t = torch.from_numpy(np.stack(images)[:, None])  # b, 1, z, y, x
         target_t = torch.from_numpy(np.stack(targets)[:, None].astype(np.int64))  # b, 1, z, y, x
         mask_t = torch.from_numpy(np.stack(masks))  # b, k
-        if self.augment:
-            image_t, target_t = augment_batch(image_t, target_t, self.rng)
+        if self.augment if augment is None else augment:
+            image_t, target_t = augment_batch(
+                image_t,
+                target_t,
+                augmentation_rng(seed, iteration),
+                self.augmentation,
+                patch_size=self.patch_size,
+            )
         return image_t, target_t, mask_t
 
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch of the current iteration (:meth:`batch`); advances the iteration counter."""
+        out = self.batch(self.iteration)
+        self.iteration += 1
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        """The generator state as plain data (the only state that changes while sampling)."""
-        return {"generator": numpy_generator_state(self.rng)}
+        """The iteration counter as plain data (the only state that changes while sampling)."""
+        return {"iteration": int(self.iteration)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output.
@@ -317,4 +421,9 @@ class PatchSampler:
         state:
             a saved state.
         """
-        set_numpy_generator_state(self.rng, state["generator"])
+        if "iteration" not in state:
+            raise SamplerError(f"sampler state holds no iteration counter (keys {sorted(state)})")
+        iteration = int(state["iteration"])
+        if iteration < 0:
+            raise SamplerError(f"sampler state has a negative iteration {iteration}")
+        self.iteration = iteration

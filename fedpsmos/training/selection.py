@@ -1,6 +1,6 @@
 """Scoring a model on a site's local validation cases, for best-model selection (paper Sec. 4.2).
 
-A validation case is a whole preprocessed case (``results/preprocessed/{site}/{case}.npz``) that the
+A validation case is a whole preprocessed case (``results/preprocessed/{site}/{case}.b2zip``) that the
 manifest's ``validation`` list holds out of training. A model is scored case by case: the project's sliding
 window (:func:`fedpsmos.inference.sliding_window.predict_logits`, step 0.5, no mirroring) on the preprocessed
 grid, the argmax, and :func:`fedpsmos.evaluation.metrics.dice` for every organ that is both labelled in the
@@ -27,6 +27,7 @@ from fedpsmos.data.manifest import Manifest
 from fedpsmos.evaluation.metrics import dice
 from fedpsmos.inference.sliding_window import predict_logits
 from fedpsmos.organs import CLASS_INDEX, IGNORE_CLASS, ORGANS
+from fedpsmos.preprocessing.storage import case_id, case_path, read_case
 
 VALIDATION_STEP = 0.5  # nnU-Net's tile step; mirroring is off: selection runs often, 8x cheaper without it
 
@@ -37,7 +38,7 @@ class SelectionError(ValueError):
 
 @dataclass(frozen=True)
 class ValidationCase:
-    """One held-out case of a site: its name and its preprocessed ``.npz``."""
+    """One held-out case of a site: its name and its preprocessed case file (``npz``)."""
 
     site: str
     case: str
@@ -56,13 +57,13 @@ def validation_cases_from_manifest(
     manifest:
         ``results/data/{site}/manifest.json`` (docs/architecture.md, "Manifest").
     npz:
-        ``results/preprocessed/{site}`` (the folder holding ``{case}.npz``), or the list of ``.npz`` files a
+        ``results/preprocessed/{site}`` (the folder holding ``{case}.b2zip``), or the list of case files a
         rule was given, which must then include every validation case.
     """
     names = Manifest.load(manifest, site=site).validation
     if isinstance(npz, str | Path):
-        return tuple(ValidationCase(site, c, Path(npz) / f"{c}.npz") for c in names)
-    given = {Path(p).stem: Path(p) for p in npz}
+        return tuple(ValidationCase(site, c, case_path(npz, c)) for c in names)
+    given = {case_id(p): Path(p) for p in npz}
     missing = [c for c in names if c not in given]
     if missing:
         raise SelectionError(f"{manifest}: site {site} validation cases missing from the inputs: {missing}")
@@ -97,6 +98,7 @@ def case_dice(
     organs: Sequence[str],
     patch_size: Sequence[int],
     device: str | torch.device,
+    precision: str = "auto",
 ) -> list[dict[str, float]]:
     """Per case, the Dice of every organ the case labels and the model outputs (module docstring).
 
@@ -112,17 +114,26 @@ def case_dice(
         Sliding-window tile (z, y, x), the training patch size.
     device:
         Where inference runs.
+    precision:
+        ``auto``, ``bf16``, ``fp16`` or ``fp32`` (:mod:`fedpsmos.precision`): the training precision, so that
+        validation scores the model as it trains.
     """
     was_training = model.training
     out: list[dict[str, float]] = []
     try:
         for case in cases:
-            with np.load(case.npz) as data:
-                image = np.asarray(data["image"], dtype=np.float32)
-                label = np.asarray(data["label"])
-                labelled = np.asarray(data["labelled"], dtype=bool)
+            data = read_case(case.npz, ("image", "label", "labelled"))
+            image = np.asarray(data["image"], dtype=np.float32)
+            label = np.asarray(data["label"])
+            labelled = np.asarray(data["labelled"], dtype=bool)
             logits = predict_logits(
-                model, image, patch_size=patch_size, step=VALIDATION_STEP, mirror=False, device=device
+                model,
+                image,
+                patch_size=patch_size,
+                step=VALIDATION_STEP,
+                mirror=False,
+                device=device,
+                precision=precision,
             )
             if logits.shape[0] != len(organs) + 1:
                 raise SelectionError(f"model outputs {logits.shape[0]} channels, expected {len(organs) + 1}")
@@ -175,12 +186,15 @@ def score_on_validation(
     organs: Sequence[str],
     patch_size: Sequence[int],
     device: str | torch.device,
+    precision: str = "auto",
 ) -> float:
     """Mean Dice of ``model`` on validation cases, each over its own labelled organs (module docstring).
 
     Parameters
     ----------
-    model, cases, organs, patch_size, device:
+    model, cases, organs, patch_size, device, precision:
         See :func:`case_dice`.
     """
-    return mean_score(case_dice(model, cases, organs=organs, patch_size=patch_size, device=device))
+    return mean_score(
+        case_dice(model, cases, organs=organs, patch_size=patch_size, device=device, precision=precision)
+    )

@@ -19,12 +19,18 @@ and the ``validation_dice`` history, and the curve gains a ``validation_dice`` c
 score live in the resume checkpoint too, so a resumed run selects exactly as an uninterrupted one. Without
 validation cases nothing is scored and the last epoch's weights are written, as before.
 
-Determinism: every random choice of training (sites, rows, augmentation) comes from the sampler's generator,
-whose state is saved with the optimiser and schedule; initialisation is seeded without touching the global
-generator. The CPU kernels used are deterministic for a given thread count, so no global
-``torch.use_deterministic_algorithms`` switch is set (it would also affect other code in the process). On
-CUDA, cuDNN may pick non-deterministic kernels, so a resumed GPU run matches only to floating-point tolerance.
-Training runs in float32 (no autocast), the same on both devices.
+Determinism: batch ``i`` (its sites, rows and augmentation) is a function of ``(seed, i)``
+(:mod:`fedpsmos.training.sampler`), so the trainer state records the iteration counter with the optimiser and
+schedule, and a resumed run draws the same batches whether they are made in the training thread or by any
+number of background workers (:mod:`fedpsmos.training.loader`, ``workers``: config ``training.workers``,
+default the job's threads minus one); initialisation is seeded without touching the global generator. On
+CUDA the batch is augmented on the device with the same generator. The CPU kernels used are deterministic
+for a given thread count, so no global ``torch.use_deterministic_algorithms`` switch is set (it would also
+affect other code in the process). On CUDA, cuDNN may pick non-deterministic kernels, so a resumed GPU run
+matches only to floating-point tolerance.
+Precision (config ``training.precision``, the rule in :mod:`fedpsmos.precision`): forward pass and loss under
+autocast (``auto``: bf16 on a CUDA GPU that has it, fp16 with a GradScaler, saved with the trainer state, on
+older GPUs, fp32 on the CPU); the model's meta records it. On CUDA ``cudnn.benchmark`` is on, as in nnU-Net.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from tqdm import tqdm
 from fedpsmos.io import file_sha256, resolve_device
 from fedpsmos.losses import DeepSupervisionLoss, build_loss
 from fedpsmos.network import NetworkSpec, build_network, freeze
+from fedpsmos.precision import autocast, check_precision, grad_scaler, resolve_precision
 from fedpsmos.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -56,6 +63,7 @@ from fedpsmos.training.checkpoint import (
     to_cpu,
 )
 from fedpsmos.training.curves import plot_curve, write_curve_csv
+from fedpsmos.training.loader import BatchFeed, BatchLoader, training_sampler
 from fedpsmos.training.sampler import PatchSampler, SiteData
 from fedpsmos.training.schedule import PlateauDecay
 from fedpsmos.training.selection import ValidationCase, output_organs, score_on_validation
@@ -85,6 +93,8 @@ class TrainSettings:
     augmentation: bool
     validation_every: int = 1
     site_sampling: str = "proportional"
+    precision: str = "auto"
+    extended_augmentation: str | bool = "auto"
 
     @classmethod
     def from_config(cls, training: Mapping[str, Any]) -> TrainSettings:
@@ -94,8 +104,9 @@ class TrainSettings:
         ----------
         training:
             the section: patches_per_iteration, iterations_per_epoch, lr, momentum, weight_decay,
-            plateau {window, min_decrease, factor}, augmentation, optional validation_every (default 1;
-            other keys, e.g. epochs, are ignored).
+            plateau {window, min_decrease, factor}, augmentation, optional validation_every (default 1),
+            site_sampling, precision and extended_augmentation (both default ``auto``; other keys, e.g.
+            epochs, are ignored).
         """
         try:
             plateau = training["plateau"]
@@ -111,6 +122,8 @@ class TrainSettings:
                 augmentation=bool(training["augmentation"]),
                 validation_every=int(training.get("validation_every", 1)),
                 site_sampling=str(training.get("site_sampling", "proportional")),
+                precision=check_precision(str(training.get("precision", "auto"))),
+                extended_augmentation=training.get("extended_augmentation", "auto"),
             )
         except KeyError as error:
             raise KeyError(f"config training: missing key {error.args[0]!r}") from None
@@ -131,8 +144,10 @@ class Trainer:
         freeze_mode: str = "full",
         class_map: np.ndarray | None = None,
         patch_size: Sequence[int],
+        workers: int = 0,
+        loader: BatchLoader | None = None,
     ) -> None:
-        """Set up training of ``model`` (moved to ``device``) on ``sites``.
+        """Set up training of ``model`` (moved to ``device``) on ``sites``; :meth:`close` it after use.
 
         Parameters
         ----------
@@ -154,8 +169,16 @@ class Trainer:
             global class -> model class (site-alone models), see :class:`PatchSampler`.
         patch_size:
             (z, y, x) voxels.
+        workers:
+            background processes making the batches (:mod:`~fedpsmos.training.loader`; 0: in this thread).
+        loader:
+            a running :class:`~fedpsmos.training.loader.BatchLoader` over the same data to share instead.
         """
         self.device = resolve_device(device)
+        self.precision = resolve_precision(settings.precision, self.device)  # bf16, fp16 or fp32
+        self.scaler = grad_scaler(self.precision, self.device)  # fp16 only; a pass-through otherwise
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # nnU-Net v2: one patch shape, let cuDNN time its kernels
         self.model = model.to(self.device)
         self.settings = settings
         self.freeze_mode = freeze_mode
@@ -173,14 +196,20 @@ class Trainer:
             min_decrease=settings.plateau_min_decrease,
             factor=settings.plateau_factor,
         )
-        self.sampler = PatchSampler(
+        self.sampler: PatchSampler = training_sampler(
             sites,
-            patch_size=patch_size,
-            patches_per_iteration=settings.patches_per_iteration,
+            settings=settings,
             seed=seed,
-            augment=settings.augmentation,
+            device=self.device,
+            patch_size=patch_size,
             class_map=class_map,
-            site_sampling=settings.site_sampling,
+        )
+        self.batches = BatchFeed(
+            self.sampler,
+            device=self.device,
+            augment_on_device=settings.augmentation and not self.sampler.augment,
+            workers=workers,
+            loader=loader,
         )
         loss = build_loss(loss_spec)
         deep = bool(getattr(getattr(self.model, "decoder", None), "deep_supervision", False))
@@ -206,17 +235,17 @@ class Trainer:
             raise ValueError(f"need at least one iteration, got {n}")
         self.model.train()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        non_blocking = self.device.type == "cuda"
         for _ in tqdm(range(n), disable=not progress, file=sys.stderr, leave=False, unit="it"):
-            image, target, labelled = self.sampler.next_batch()
-            image = image.to(self.device, non_blocking=non_blocking)
-            target = target.to(self.device, non_blocking=non_blocking)
-            labelled = labelled.to(self.device, non_blocking=non_blocking)
+            image, target, labelled = self.batches.next()  # on the device, augmented
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(self.model(image), target, labelled)
-            loss.backward()
+            with autocast(self.precision, self.device):
+                loss = self.loss(self.model(image), target, labelled)
+            # nnU-Net v2's train_step: clip the unscaled gradients; a step with inf/NaN gradients is skipped
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self._params, GRAD_CLIP_NORM)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             total += loss.detach()  # stays on the device: one synchronisation per call, not per iteration
         mean = float(total.item()) / n
         if not math.isfinite(mean):
@@ -244,6 +273,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
             "freeze_mode": self.freeze_mode,
+            "grad_scaler": self.scaler.state_dict(),  # {} unless fp16
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -272,12 +302,22 @@ class Trainer:
                         f"trainer state does not fit this model: momentum of shape {list(buf.shape)} "
                         f"for a parameter of shape {list(p.shape)}"
                     )
+        if state.get("grad_scaler") and self.scaler.is_enabled():  # another precision's state: a fresh scaler
+            self.scaler.load_state_dict(state["grad_scaler"])
         rng = state.get("rng")
         if rng:
-            self.sampler.load_state_dict(rng["sampler"])
+            try:
+                self.sampler.load_state_dict(rng["sampler"])  # the iteration counter
+            except (KeyError, ValueError) as error:
+                raise TrainingError(f"trainer state does not fit this trainer ({error})") from None
+            self.batches.restart()
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def close(self) -> None:
+        """Shut down the trainer's batch workers (a shared loader stays up)."""
+        self.batches.close()
 
 
 def _plain(data: Any) -> Any:
@@ -332,6 +372,7 @@ def train_model(
     device: str | torch.device | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
     validation: Sequence[ValidationCase] = (),
+    workers: int = 0,
 ) -> None:
     """Train a model for ``epochs`` epochs (resuming from ``resume.pt`` beside ``out_model``) and write it.
 
@@ -368,6 +409,8 @@ def train_model(
         interrupt a run).
     validation:
         the trained sites' validation cases; empty: no scoring, the last epoch's weights are written.
+    workers:
+        background processes making the batches (0: in the training thread); the weights do not depend on it.
     """
     out_model = Path(out_model)
     if epochs < 0:
@@ -411,6 +454,7 @@ def train_model(
             freeze_mode=freeze_mode,
             class_map=class_map,
             patch_size=patch_size,
+            workers=workers,
         )
 
     trainer = fresh_trainer()
@@ -433,48 +477,58 @@ def train_model(
             # A partial restore may have touched the model or trainer: start over from scratch.
             log.warning("ignoring resume checkpoint %s: %s", resume_path, error)
             trainer, history, start, best = fresh_trainer(), [], 0, None
-    for epoch in range(start, epochs):
-        started = time.perf_counter()
-        lr = trainer.lr
-        loss = trainer.train_iterations(settings.iterations_per_epoch, progress=True)
-        trainer.end_epoch(loss)
-        seconds = time.perf_counter() - started
-        score: float | None = None
-        if validation and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
-            score = score_on_validation(
-                trainer.model, validation, organs=organs, patch_size=patch_size, device=trainer.device
+    try:
+        for epoch in range(start, epochs):
+            started = time.perf_counter()
+            lr = trainer.lr
+            loss = trainer.train_iterations(settings.iterations_per_epoch, progress=True)
+            trainer.end_epoch(loss)
+            seconds = time.perf_counter() - started
+            score: float | None = None
+            if validation and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
+                score = score_on_validation(
+                    trainer.model,
+                    validation,
+                    organs=organs,
+                    patch_size=patch_size,
+                    device=trainer.device,
+                    precision=trainer.precision,
+                )
+                if (
+                    best is None or score > best["score"]
+                ):  # strictly better: the earliest best epoch wins ties
+                    best = {
+                        "epoch": epoch + 1,
+                        "score": score,
+                        "model": model_state_to_cpu(trainer.model.state_dict()),
+                    }
+            history.append(
+                {"epoch": epoch + 1, "loss": loss, "lr": lr, "seconds": seconds, "validation_dice": score}
             )
-            if best is None or score > best["score"]:  # strictly better: the earliest best epoch wins ties
-                best = {
-                    "epoch": epoch + 1,
-                    "score": score,
-                    "model": model_state_to_cpu(trainer.model.state_dict()),
-                }
-        history.append(
-            {"epoch": epoch + 1, "loss": loss, "lr": lr, "seconds": seconds, "validation_dice": score}
-        )
-        log.info(
-            "epoch %d/%d loss %.5f lr %.4g %.1f s%s",
-            epoch + 1,
-            epochs,
-            loss,
-            lr,
-            seconds,
-            "" if score is None else f" validation Dice {score:.4f}",
-        )
-        snapshot: dict[str, Any] = {
-            "model": model_state_to_cpu(trainer.model.state_dict()),
-            "meta": full_meta,
-            "trainer": trainer.state_dict(),
-            "epoch": epoch + 1,
-            "history": history,
-        }
-        if best is not None:
-            snapshot["best"] = {"epoch": best["epoch"], "score": best["score"]}
-            snapshot["best_model"] = best["model"]
-        save_checkpoint(resume_path, snapshot)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1)
+            log.info(
+                "epoch %d/%d loss %.5f lr %.4g %.1f s%s",
+                epoch + 1,
+                epochs,
+                loss,
+                lr,
+                seconds,
+                "" if score is None else f" validation Dice {score:.4f}",
+            )
+            snapshot: dict[str, Any] = {
+                "model": model_state_to_cpu(trainer.model.state_dict()),
+                "meta": full_meta,
+                "trainer": trainer.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+            }
+            if best is not None:
+                snapshot["best"] = {"epoch": best["epoch"], "score": best["score"]}
+                snapshot["best_model"] = best["model"]
+            save_checkpoint(resume_path, snapshot)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1)
+    finally:
+        trainer.close()  # its batch workers, also when an epoch fails or is interrupted
     write_curve_csv(out_curve_csv, history)
     plot_curve(out_curve_png, history, title=str(meta.get("kind", "")))
     selection = {
@@ -490,7 +544,7 @@ def train_model(
         out_model,
         {
             "model": weights,
-            "meta": {**full_meta, **selection},
+            "meta": {**full_meta, **selection, "precision": trainer.precision},
             "epoch": epochs,
             "history": history,
         },

@@ -83,6 +83,14 @@ def get_site_data(wildcards):
     return PLAN.site_inputs(wildcards.site)
 
 
+def get_prediction_inputs(wildcards):
+    return PLAN.prediction_inputs(wildcards.site)
+
+
+def get_case_dir(wildcards):
+    return PLAN.site_descriptor(wildcards.site)["npz_dir"]
+
+
 def get_site_descriptor(wildcards):
     return [PLAN.site_descriptor(wildcards.site)]
 

@@ -104,7 +104,7 @@ rule preprocess_case:
         manifest="results/data/{site}/manifest.json",
         settings="results/preprocessed/settings.json",
     output:
-        npz="results/preprocessed/{site}/{case}.npz",
+        case="results/preprocessed/{site}/{case}.b2zip",
     log:
         "logs/preprocess_case/{site}/{case}.log",
     conda:

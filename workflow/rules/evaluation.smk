@@ -4,7 +4,7 @@
 
 rule predict_site:
     input:
-        unpack(get_site_data),
+        unpack(get_prediction_inputs),
         model=get_model_file,
     output:
         predictions=directory("results/evaluation/{model}/{site}/predictions"),
@@ -18,6 +18,7 @@ rule predict_site:
     resources:
         gpu=1,
     params:
+        case_dir=get_case_dir,
         patch_size=config["patches"]["size"],
         step=config["inference"]["step"],
         mirror=config["inference"]["mirror"],
