@@ -27,12 +27,13 @@ import torch
 from fedpsmos.federated.fedavg import aggregate, check_states
 from fedpsmos.federated.paths import global_model_path
 from fedpsmos.federated.rounds import init_global
-from fedpsmos.federated.site_round import LocalSettings, RoundPlan, SiteRunner
+from fedpsmos.federated.site_round import SiteRunner
+from fedpsmos.federated.site_setup import LocalSettings, RoundPlan
 from fedpsmos.network import NetworkSpec, build_network, paper_network_spec
 from fedpsmos.organs import ORGANS, labelled_mask
 from fedpsmos.preprocessing.storage import case_path, write_case
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
-from fedpsmos.training.sampler import SiteData
+from fedpsmos.training.site_data import SiteData
 from fedpsmos.training.trainer import TrainSettings
 
 N_SITES = 5

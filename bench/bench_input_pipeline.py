@@ -55,7 +55,8 @@ from fedpsmos.organs import CLASSES, labelled_mask
 from fedpsmos.patches import index_case
 from fedpsmos.preprocessing import normalise_ct
 from fedpsmos.training.augmentation import EXTENDED_AUGMENTATION, input_patch_size
-from fedpsmos.training.sampler import PatchSampler, SiteData
+from fedpsmos.training.sampler import PatchSampler
+from fedpsmos.training.site_data import SiteData
 
 PAPER_SHAPE, PAPER_PATCH = (150, 230, 230), (80, 160, 128)
 QUICK_SHAPE, QUICK_PATCH = (40, 80, 80), (16, 32, 32)

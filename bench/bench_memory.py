@@ -135,7 +135,7 @@ def child_block(workdir: Path, device: str, patch: tuple[int, ...], iterations: 
 
     from fedpsmos.federated import paths, rounds
     from fedpsmos.federated.blocks import run_block
-    from fedpsmos.federated.site_round import RoundPlan, local_settings
+    from fedpsmos.federated.site_setup import RoundPlan, local_settings
     from fedpsmos.network import build_network, paper_network_spec
     from fedpsmos.organs import ORGANS
     from fedpsmos.training.checkpoint import save_checkpoint
@@ -159,7 +159,7 @@ def child_block(workdir: Path, device: str, patch: tuple[int, ...], iterations: 
 
 def json_site(workdir: Path, k: int) -> Any:
     """Site ``k`` (all sites share the written cases: memory does not depend on which cases they are)."""
-    from fedpsmos.training.sampler import SiteData
+    from fedpsmos.training.site_data import SiteData
 
     data = json.loads((workdir / "site.json").read_text())
     cases = {c: Path(p) for c, p in data["cases"].items()}

@@ -34,6 +34,23 @@ REPO = BENCH_DIR.parent
 Row = dict[str, Any]
 # "ratio" as a word of a key ("time_ratio", "ratio_vs_x"), not inside "iterations".
 RATIO_KEY = re.compile(r"(^|[._])ratio($|_)|_over_")
+# Hand-measured sections of the Markdown summary start at this heading; a new run keeps them.
+SEPARATE = "\n## Measured separately"
+
+
+def with_separate_sections(generated: str, previous: str | None) -> str:
+    """The generated summary followed by the previous file's hand-measured part (from :data:`SEPARATE` on).
+
+    Parameters
+    ----------
+    generated:
+        The new Markdown summary.
+    previous:
+        The file's current text, or ``None`` when there is none.
+    """
+    if not previous or SEPARATE not in previous:
+        return generated
+    return generated.rstrip("\n") + "\n" + previous[previous.index(SEPARATE) :]
 
 
 def discover(bench_dir: Path) -> list[Path]:
@@ -437,7 +454,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     write_json(args.out_json, summary)
-    write_text(args.out_md, to_markdown(summary))
+    previous = args.out_md.read_text(encoding="utf-8") if args.out_md.is_file() else None
+    write_text(args.out_md, with_separate_sections(to_markdown(summary), previous))
     print(f"wrote {args.out_json} and {args.out_md}", file=sys.stderr)
     return summary
 

@@ -111,3 +111,11 @@ def test_dryrun_command_puts_the_target_before_configfiles(tmp_path):
     command = bench_dryrun.dryrun_command(REPO, tmp_path, [REPO / "config" / "paper.yaml"])
     assert command.index("all") < command.index("--configfile")
     assert command[-2:] == [str(REPO / "config.yaml"), str(REPO / "config" / "paper.yaml")]
+
+
+def test_a_new_summary_keeps_the_hand_measured_sections():
+    previous = "# Benchmarks\n\nold table\n\n## Measured separately\n\n### Case storage\n\nfigures\n"
+    kept = run_all.with_separate_sections("# Benchmarks\n\nnew table\n", previous)
+    assert kept == "# Benchmarks\n\nnew table\n\n## Measured separately\n\n### Case storage\n\nfigures\n"
+    assert run_all.with_separate_sections("# Benchmarks\n", None) == "# Benchmarks\n"
+    assert run_all.with_separate_sections("# B\n", "# B\n\nno such part\n") == "# B\n"

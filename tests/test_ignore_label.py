@@ -20,8 +20,9 @@ from fedpsmos.losses.checks import validate_inputs
 from fedpsmos.organs import IGNORE_CLASS, NUM_CLASSES, ORGANS
 from fedpsmos.preprocessing.storage import read_case, write_case
 from fedpsmos.training.augmentation import _spatial
-from fedpsmos.training.sampler import PatchSampler, SamplerError
+from fedpsmos.training.sampler import PatchSampler
 from fedpsmos.training.selection import ValidationCase, case_dice
+from fedpsmos.training.site_data import SamplerError
 from tests.test_sampler import PATCH, write_site
 
 K = 6

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from fedpsmos.federated import blocks, paths, rounds
-from fedpsmos.federated.site_round import RoundPlan
+from fedpsmos.federated.site_setup import RoundPlan
 from fedpsmos.network import NetworkSpec
 from fedpsmos.training.checkpoint import load_checkpoint
+from fedpsmos.training.epochs import train_model
 from fedpsmos.training.loader import BatchFeed, BatchLoader, resolve_workers
-from fedpsmos.training.sampler import PatchSampler, SamplerError
-from fedpsmos.training.trainer import TrainSettings, train_model
+from fedpsmos.training.sampler import PatchSampler
+from fedpsmos.training.site_data import SamplerError
+from fedpsmos.training.trainer import TrainSettings
 from tests.test_rounds import ITERS, SEED, local, make_m0, make_sites, run_rounds, validation_of
 from tests.test_sampler import PATCH, write_site
 from tests.test_trainer import LOSS, NETWORK, TRAINING

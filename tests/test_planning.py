@@ -14,9 +14,10 @@ from snakemake.utils import update_config
 from fedpsmos import planning
 from fedpsmos.config import drop_unset, validate_config
 from fedpsmos.data.sources import DataError
+from fedpsmos.federated.jobs import BlockJobs, RoundJobs
 from fedpsmos.federated.paths import aggregator_input_violations, site_input_violations
 from fedpsmos.paper.qualitative import PREDICTION_PATTERN, models_from_prediction_dirs
-from fedpsmos.planning import BlockJobs, Plan, RoundJobs
+from fedpsmos.planning import Plan
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ["site1", "site2", "site3", "site4", "site5"]

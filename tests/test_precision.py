@@ -26,7 +26,8 @@ from fedpsmos.network import NetworkSpec, build_network
 from fedpsmos.organs import IGNORE_CLASS
 from fedpsmos.precision import autocast, check_precision, choose_precision, grad_scaler, resolve_precision
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
-from fedpsmos.training.trainer import Trainer, TrainSettings, train_model
+from fedpsmos.training.epochs import train_model
+from fedpsmos.training.trainer import Trainer, TrainSettings
 from tests.conftest import tiny_spec
 from tests.test_sampler import write_site
 from tests.test_trainer import ALL, LOSS, NETWORK, PATCH, TRAINING

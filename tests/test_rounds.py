@@ -14,13 +14,13 @@ import torch
 
 from fedpsmos.federated import aggregation, blocks, curves, paths, rounds, site_round, site_selection
 from fedpsmos.federated.rounds import RoundError
-from fedpsmos.federated.site_round import LocalSettings, RoundPlan
+from fedpsmos.federated.site_setup import LocalSettings, RoundPlan
 from fedpsmos.network import build_network
 from fedpsmos.organs import ORGANS, labelled_mask
 from fedpsmos.preprocessing.storage import case_path, write_case
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
-from fedpsmos.training.sampler import SiteData
 from fedpsmos.training.selection import ValidationCase, validation_cases_from_manifest
+from fedpsmos.training.site_data import SiteData
 from fedpsmos.training.trainer import Trainer, TrainSettings
 from tests.conftest import tiny_spec
 from tests.test_checkpoint import RunsCode

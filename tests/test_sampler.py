@@ -14,13 +14,8 @@ import torch
 from fedpsmos.organs import labelled_mask
 from fedpsmos.preprocessing.storage import case_path, read_case, write_case
 from fedpsmos.training.augmentation import AugmentationSettings, _spatial, augment_batch
-from fedpsmos.training.sampler import (
-    PatchSampler,
-    SamplerError,
-    SiteData,
-    crop_patch,
-    site_data_from_manifest,
-)
+from fedpsmos.training.sampler import PatchSampler, crop_patch
+from fedpsmos.training.site_data import SamplerError, SiteData, site_data_from_manifest
 
 PATCH = (4, 8, 8)
 

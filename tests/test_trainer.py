@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from fedpsmos.network import NetworkSpec, build_network, decoder_parameters, encoder_parameters
-from fedpsmos.training import trainer as trainer_module
+from fedpsmos.training import epochs as epochs_module
 from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
+from fedpsmos.training.epochs import train_model
 from fedpsmos.training.run import class_map_for, train_from_params
 from fedpsmos.training.schedule import PlateauDecay
 from fedpsmos.training.selection import (
@@ -21,7 +22,7 @@ from fedpsmos.training.selection import (
     score_on_validation,
     validation_cases_from_manifest,
 )
-from fedpsmos.training.trainer import Trainer, TrainingError, TrainSettings, train_model
+from fedpsmos.training.trainer import Trainer, TrainingError, TrainSettings
 from tests.conftest import tiny_network
 from tests.test_sampler import write_site
 
@@ -363,7 +364,7 @@ def test_best_epoch_by_validation_score_is_the_written_model(
 ) -> None:
     # Prepare: scripted validation scores, best after epoch 2; the weights of each epoch from resume.pt
     scores = iter([0.2, 0.9, 0.5])
-    monkeypatch.setattr(trainer_module, "score_on_validation", lambda *a, **k: next(scores))
+    monkeypatch.setattr(epochs_module, "score_on_validation", lambda *a, **k: next(scores))
     weights = {}
 
     def keep(epoch: int) -> None:

@@ -22,16 +22,15 @@ batch workers a site), never K x N without bound.
 Site workers are not daemonic processes, since those may not have children; the coordinator joins, and if
 need be terminates, every one of them on any exit.
 
-Resume: a block restarts from the first round in ``first..last`` that is not complete (all of its files
-exist and verify), reloading each site's private state of the round before. Since every local round's
-randomness is seeded by ``(seed, site, round)`` (site_round.py), a resumed block and the per-round rules
-compute the same weights as an uninterrupted block (CPU, same thread count).
+Resume (:mod:`fedpsmos.federated.block_resume`): a block restarts from the first round in ``first..last``
+that is not complete (all of its files exist and verify), reloading each site's private state of the round
+before. Since every local round's randomness is seeded by ``(seed, site, round)`` (site_round.py), a resumed
+block and the per-round rules compute the same weights as an uninterrupted block (CPU, same thread count).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -43,121 +42,18 @@ from typing import Any
 import torch
 
 from fedpsmos.federated.aggregation import aggregate_round
+from fedpsmos.federated.block_resume import block_provenance, resume_round
 from fedpsmos.federated.paths import global_model_path, private_state_path, record_path, site_model_path
 from fedpsmos.federated.rounds import RoundError
-from fedpsmos.federated.site_round import (
-    LocalSettings,
-    RoundPlan,
-    SiteRunner,
-    local_settings,
-    site_data_from_files,
-    site_validation_from_files,
-)
-from fedpsmos.io import file_sha256
-from fedpsmos.training.checkpoint import CheckpointError, load_checkpoint
-from fedpsmos.training.sampler import SiteData
+from fedpsmos.federated.site_round import SiteRunner
+from fedpsmos.federated.site_selection import site_validation_from_files
+from fedpsmos.federated.site_setup import LocalSettings, RoundPlan, local_settings, site_data_from_files
 from fedpsmos.training.selection import ValidationCase
+from fedpsmos.training.site_data import SiteData
 
 log = logging.getLogger(__name__)
 
 _JOIN_TIMEOUT_S = 30.0
-
-
-def round_complete(
-    setting_dir: str | Path,
-    round_index: int,
-    sites: Sequence[str],
-    provenance: Mapping[str, Any] | None = None,
-) -> bool:
-    """Whether round ``r`` is done for this block: every file exists and verifies (global, record, site
-    models, private states), the round started from the global model now on disk for ``r - 1``, and its
-    record carries the block's ``provenance`` (the digest of its settings).
-
-    Parameters
-    ----------
-    setting_dir:
-        ``results/federated/{setting}``.
-    round_index:
-        ``r``.
-    sites:
-        Site names.
-    provenance:
-        What the block records in every round (see :func:`block_provenance`); ``None`` skips that check.
-    """
-    try:
-        record = json.loads(record_path(setting_dir, round_index).read_text())
-        if record.get("round") != round_index:
-            return False
-        if provenance is not None and record.get("provenance") != dict(provenance):
-            return False
-        started_from = file_sha256(global_model_path(setting_dir, round_index - 1))
-        if record.get("previous_global_sha256") != started_from:
-            return False
-        paths = [global_model_path(setting_dir, round_index)]
-        paths += [site_model_path(setting_dir, round_index, s) for s in sites]
-        paths += [private_state_path(setting_dir, s, round_index) for s in sites]
-        for path in paths:
-            load_checkpoint(path)
-    except (OSError, ValueError, CheckpointError):
-        return False
-    return True
-
-
-def block_provenance(
-    local: LocalSettings,
-    plan: RoundPlan,
-    sites: Sequence[str],
-    validation: Mapping[str, Sequence[ValidationCase]] | None = None,
-) -> dict[str, str]:
-    """A digest of everything that shapes a block's rounds besides their input models (loss, training
-    settings, patch size, local iterations, seed, attempts, policy, sites, validation cases), recorded in
-    every round's record.
-
-    Parameters
-    ----------
-    local, plan:
-        The block's settings.
-    sites:
-        Site names, in worker order.
-    validation:
-        Each site's validation cases (only their names enter the digest).
-    """
-    described = {
-        "loss": local.loss_spec,
-        "settings": repr(local.settings),
-        "patch_size": list(local.patch_size),
-        "plan": dataclasses.asdict(plan),
-        "sites": list(sites),
-        "validation": {s: [c.case for c in (validation or {}).get(s, ())] for s in sites},
-    }
-    text = json.dumps(described, sort_keys=True, default=str)
-    return {"block_settings_sha256": hashlib.sha256(text.encode()).hexdigest()}
-
-
-def resume_round(
-    setting_dir: str | Path,
-    first_round: int,
-    last_round: int,
-    sites: Sequence[str],
-    provenance: Mapping[str, Any] | None = None,
-) -> int:
-    """The first round of ``first..last`` that is not complete (``last + 1`` if all are).
-
-    Parameters
-    ----------
-    setting_dir:
-        ``results/federated/{setting}``.
-    first_round, last_round:
-        The block's rounds, inclusive.
-    sites:
-        Site names.
-    provenance:
-        See :func:`round_complete`.
-    """
-    for r in range(first_round, last_round + 1):
-        if not round_complete(setting_dir, r, sites, provenance):
-            return r
-    return last_round + 1
 
 
 def worker_devices(device: str, n_workers: int) -> list[str]:
@@ -199,11 +95,11 @@ def run_block(
     first_round, last_round:
         The block's rounds, inclusive (``1 <= first <= last``).
     sites:
-        One :class:`~fedpsmos.training.sampler.SiteData` per site; worker ``i`` receives ``sites[i]`` only.
+        One :class:`~fedpsmos.training.site_data.SiteData` per site; worker ``i`` receives ``sites[i]`` only.
     local:
         Loss, training settings, patch size and device (``cpu``, ``cuda`` = one GPU per worker round-robin).
     plan:
-        Local iterations, seed, attempts, failure policy (:class:`~fedpsmos.federated.site_round.RoundPlan`).
+        Local iterations, seed, attempts, failure policy (:class:`~fedpsmos.federated.site_setup.RoundPlan`).
     threads_per_worker:
         Threads of each site worker: at most ``threads_per_worker - 1`` batch workers, the rest torch
         threads (module docstring).
@@ -267,7 +163,7 @@ def run_block_job(
     first_round, last_round, local_iterations, seed, attempts, on_site_failure:
         See :func:`run_block`.
     loss_spec, training, patch_size, device:
-        See :func:`~fedpsmos.federated.site_round.local_settings`.
+        See :func:`~fedpsmos.federated.site_setup.local_settings`.
     threads_per_worker:
         Threads of each site worker, see :func:`run_block`.
     """

@@ -12,10 +12,10 @@ the global model it received and its model after local training on them, reports
 (``val_dice``, ``val_dice_local``) and keeps its running best model in its private state
 (:mod:`fedpsmos.federated.site_selection`, which also writes the selected model after the last round).
 
-Batches: with ``workers`` > 0 (:class:`LocalSettings`, from config ``training.workers`` and the job's
-threads) a site keeps one :class:`~fedpsmos.training.loader.BatchLoader` for as long as its runner lives (a
-block worker: every round of the block), so its worker processes start once, not every round; each round's
-trainer draws from it with the round's seed.
+Batches: with ``workers`` > 0 (:class:`~fedpsmos.federated.site_setup.LocalSettings`, from config
+``training.workers`` and the job's threads) a site keeps one :class:`~fedpsmos.training.loader.BatchLoader`
+for as long as its runner lives (a block worker: every round of the block), so its worker processes start
+once, not every round; each round's trainer draws from it with the round's seed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedpsmos.data.manifest import Manifest, ManifestError
 from fedpsmos.federated.rounds import POLICIES, RoundError, load_global
 from fedpsmos.federated.site_selection import (
     best_from_private,
@@ -40,17 +39,16 @@ from fedpsmos.federated.site_selection import (
     site_validation_from_files,
     updated_best,
 )
-from fedpsmos.io import resolve_device
-from fedpsmos.preprocessing.storage import case_id
+from fedpsmos.federated.site_setup import LocalSettings, RoundPlan, local_settings, site_data_from_files
 from fedpsmos.training.checkpoint import (
     load_checkpoint,
     load_model_state,
     model_state_to_cpu,
     save_checkpoint,
 )
-from fedpsmos.training.loader import BatchLoader, resolve_workers, training_sampler
-from fedpsmos.training.sampler import SiteData
+from fedpsmos.training.loader import BatchLoader, training_sampler
 from fedpsmos.training.selection import ValidationCase
+from fedpsmos.training.site_data import SiteData
 
 log = logging.getLogger(__name__)
 
@@ -69,37 +67,6 @@ def round_seed(seed: int, site: str, round_index: int) -> int:
     """
     digest = hashlib.sha256(f"fedpsmos:{seed}:{site}:{round_index}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-@dataclass
-class LocalSettings:
-    """How a site trains in a round: everything the Trainer needs except the data and the seed.
-
-    ``settings`` is a :class:`fedpsmos.training.trainer.TrainSettings`; ``loss_spec`` is what
-    :func:`fedpsmos.losses.build_loss` takes; ``workers`` the site's batch worker processes (0: batches in
-    the training thread; the weights do not depend on it).
-    """
-
-    loss_spec: Any
-    settings: Any
-    patch_size: tuple[int, int, int]
-    device: str = "cpu"
-    workers: int = 0
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """How every site trains in every round of a federation: the same for all rounds (paper Alg. 1, Table 5).
-
-    ``local_iterations`` is the paper's 50 (Table 5: 25/50/100); a round's seed is :func:`round_seed`
-    ``(seed, site, r)``; ``attempts`` in-process tries from the same starting state (>= 1);
-    ``on_site_failure`` is ``fail`` (raise) or ``skip`` (write the incoming weights marked failed).
-    """
-
-    local_iterations: int
-    seed: int
-    attempts: int
-    on_site_failure: str
 
 
 @dataclass
@@ -161,7 +128,8 @@ class SiteRunner:
         round_index:
             ``r`` (>= 1).
         plan:
-            Local iterations, seed, attempts and failure policy (:class:`RoundPlan`).
+            Local iterations, seed, attempts and failure policy
+            (:class:`~fedpsmos.federated.site_setup.RoundPlan`).
         out_site, out_private:
             ``round_{r}/{site}.pt`` and ``private/{site}/round_{r}.pt``.
         """
@@ -329,7 +297,7 @@ def run_site_round(
     private_in:
         ``private/{site}/round_{r-1}.pt``, or ``None``/``""`` in round 1.
     site_data:
-        This site's :class:`~fedpsmos.training.sampler.SiteData` (its own files only).
+        This site's :class:`~fedpsmos.training.site_data.SiteData` (its own files only).
     local:
         Loss, training settings, patch size, device.
     plan, round_index, out_site, out_private:
@@ -381,9 +349,9 @@ def run_site_round_job(
     out_site, out_private:
         See :func:`run_site_round`.
     site, manifest, cases, patches:
-        See :func:`site_data_from_files`.
+        See :func:`~fedpsmos.federated.site_setup.site_data_from_files`.
     loss_spec, training, patch_size, device, threads:
-        See :func:`local_settings`.
+        See :func:`~fedpsmos.federated.site_setup.local_settings`.
     """
     plan = RoundPlan(
         local_iterations=local_iterations, seed=seed, attempts=attempts, on_site_failure=on_site_failure
@@ -400,76 +368,4 @@ def run_site_round_job(
         out_site=out_site,
         out_private=out_private,
         validation=site_validation_from_files(site, manifest, cases),
-    )
-
-
-def site_data_from_files(
-    site: str, manifest: str | Path, cases: Sequence[str | Path], patches: str | Path
-) -> SiteData:
-    """A site's :class:`SiteData` from the files a rule was given: its manifest, case files and index.
-
-    The rule may hand over every preprocessed case of the site (the split is only known once the manifest
-    exists); only the manifest's ``train`` cases are used, and every one of them must be there, so a rule can
-    neither train on test cases nor silently miss some.
-
-    Parameters
-    ----------
-    site:
-        Site name; must match the manifest.
-    manifest:
-        ``results/data/{site}/manifest.json``.
-    cases:
-        ``results/preprocessed/{site}/{case}.b2zip``, at least the training cases.
-    patches:
-        ``results/patches/{site}.parquet``.
-    """
-    try:
-        train = sorted(Manifest.load(manifest, site=site).train)
-    except ManifestError as exc:
-        raise RoundError(str(exc)) from None
-    given = {case_id(p): Path(p) for p in cases}
-    missing = [case for case in train if case not in given]
-    if missing or not train:
-        raise RoundError(f"{manifest}: site {site} training cases missing from the rule's inputs: {missing}")
-    npz = {case: given[case] for case in train}
-    return SiteData(site=site, npz_paths=npz, patches=Path(patches))
-
-
-def local_settings(
-    *,
-    loss_spec: Any,
-    training: Mapping[str, Any],
-    patch_size: Sequence[int],
-    device: str | None = None,
-    threads: int = 1,
-) -> LocalSettings:
-    """:class:`LocalSettings` from plain config values (the ``training`` section, the loss combination).
-
-    Parameters
-    ----------
-    loss_spec:
-        The loss combination handed to the Trainer.
-    training:
-        The config's ``training`` section (:meth:`TrainSettings.from_config`).
-    patch_size:
-        ``(z, y, x)``.
-    device:
-        ``cpu``, ``cuda`` or ``cuda:N``; ``None``: :func:`fedpsmos.io.resolve_device` (rules pass no device;
-        the hardware decides).
-    threads:
-        the job's threads: ``training.workers: auto`` gives ``threads - 1`` batch workers on CUDA, none on
-        the CPU (:func:`fedpsmos.training.loader.resolve_workers`).
-    """
-    from fedpsmos.training.trainer import TrainSettings
-
-    size = tuple(int(s) for s in patch_size)
-    if len(size) != 3:
-        raise ValueError(f"patch_size must have three entries (z, y, x), got {list(patch_size)}")
-    device = device or str(resolve_device())
-    return LocalSettings(
-        loss_spec=loss_spec,
-        settings=TrainSettings.from_config(dict(training)),
-        patch_size=size,  # type: ignore[arg-type]
-        device=device,
-        workers=resolve_workers(training.get("workers", "auto"), threads, device),
     )

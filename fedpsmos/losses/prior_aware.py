@@ -256,7 +256,8 @@ def prior_from_site(
     ValueError
         when a drawn case does not label every class (the prior needs the fully labelled site).
     """
-    from fedpsmos.training.sampler import PatchSampler, site_data_from_manifest
+    from fedpsmos.training.sampler import PatchSampler
+    from fedpsmos.training.site_data import site_data_from_manifest
 
     if n_patches < 1:
         raise ValueError(f"n_patches must be >= 1, got {n_patches}")

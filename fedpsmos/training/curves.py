@@ -1,7 +1,7 @@
 """Training curves: one row per epoch (epoch, loss, lr, seconds) as CSV and as a PNG plot.
 
 docs/architecture.md "Models": each model is written next to ``curve.csv`` and ``curve.png``. A run that
-scored its model on validation cases (best-epoch selection, :mod:`fedpsmos.training.trainer`) has one more
+scored its model on validation cases (best-epoch selection, :mod:`fedpsmos.training.epochs`) has one more
 column, ``validation_dice``, empty in the epochs that were not scored.
 """
 

@@ -45,7 +45,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedpsmos.training.augmentation import augment_batch, augmentation_settings, resolve_extended_augmentation
-from fedpsmos.training.sampler import PatchSampler, SiteData, augmentation_rng
+from fedpsmos.training.sampler import PatchSampler, augmentation_rng
+from fedpsmos.training.site_data import SiteData
 
 if TYPE_CHECKING:
     from fedpsmos.training.trainer import TrainSettings

@@ -17,10 +17,11 @@ import numpy as np
 
 from fedpsmos.network import NetworkSpec
 from fedpsmos.organs import CLASS_INDEX, NUM_CLASSES, ORGANS
+from fedpsmos.training.epochs import train_model
 from fedpsmos.training.loader import resolve_workers
-from fedpsmos.training.sampler import site_data_from_manifest
 from fedpsmos.training.selection import validation_cases_from_manifest
-from fedpsmos.training.trainer import TrainSettings, train_model
+from fedpsmos.training.site_data import site_data_from_manifest
+from fedpsmos.training.trainer import TrainSettings
 
 KINDS: tuple[str, ...] = ("pretrain", "central", "baseline", "site_alone", "adapted")
 

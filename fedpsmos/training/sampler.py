@@ -36,29 +36,13 @@ import pandas as pd
 import torch
 
 from fedpsmos.organs import IGNORE_CLASS, NUM_CLASSES
-from fedpsmos.preprocessing.storage import CaseFile, CaseStorageError, case_path, open_case
+from fedpsmos.preprocessing.storage import CaseFile, CaseStorageError, open_case
 from fedpsmos.training.augmentation import AugmentationSettings, augment_batch, input_patch_size
+from fedpsmos.training.site_data import SamplerError, SiteData
 from fedpsmos.training.transforms import crop_offset
 
 INDEX_COLUMNS = ("case", "z", "y", "x")
 SITE_SAMPLING = ("proportional", "uniform")
-
-
-class SamplerError(ValueError):
-    """A site's patch index or preprocessed case is unusable; the message names the file."""
-
-
-@dataclass(frozen=True)
-class SiteData:
-    """One site's training data: its preprocessed cases and its patch index.
-
-    Each case's labelled-class mask is read from its file. Only cases in ``npz_paths`` are sampled, so
-    giving the training cases keeps test cases out even when the patch index lists them.
-    """
-
-    site: str
-    npz_paths: Mapping[str, Path]
-    patches: Path
 
 
 def augmentation_rng(seed: int, iteration: int) -> np.random.Generator:
@@ -72,37 +56,6 @@ def augmentation_rng(seed: int, iteration: int) -> np.random.Generator:
         the batch's iteration number, >= 0.
     """
     return np.random.default_rng([int(seed), int(iteration), 1])
-
-
-def site_data_from_manifest(
-    site: str, manifest: str | Path, npz_dir: str | Path, patches: str | Path
-) -> SiteData:
-    """A site's training cases from its manifest (docs/architecture.md "Manifest"), as :class:`SiteData`.
-
-    Parameters
-    ----------
-    site:
-        the site name (must match the manifest).
-    manifest:
-        ``results/data/{site}/manifest.json``; its ``train`` list names the training cases.
-    npz_dir:
-        ``results/preprocessed/{site}``, holding ``{case}.b2zip``.
-    patches:
-        ``results/patches/{site}.parquet``.
-    """
-    import json
-
-    manifest = Path(manifest)
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SamplerError(f"{manifest}: cannot read manifest ({error})") from None
-    if data.get("site") != site:
-        raise SamplerError(f"{manifest}: manifest of site {data.get('site')!r}, expected {site!r}")
-    train = data.get("train")
-    if not isinstance(train, list) or not train:
-        raise SamplerError(f"{manifest}: no training cases ('train' list)")
-    return SiteData(site=site, npz_paths={c: case_path(npz_dir, c) for c in train}, patches=Path(patches))
 
 
 @dataclass
