@@ -8,10 +8,11 @@ one difference: the batches are deterministic. Batch ``i`` is a function of ``(s
 (:meth:`PatchSampler.batch`), its key is the pair, and the loader returns batches in key order, so the
 batches, and a resumed run, are the same for 0, 1 or any number of workers (tested).
 
-Choices, where the issue left them open:
+Choices (what nnU-Net v2 does on a GPU, unless said otherwise):
 
 - ``workers`` (config ``training.workers``): ``auto`` takes the job's threads (Snakemake's ``threads``)
-  minus one for the training process; ``0`` makes batches in the training thread (the small CPU runs).
+  minus one for the training process on a GPU, and none on the CPU (:func:`resolve_workers`: the CPU step
+  needs every core); ``0`` makes batches in the training thread.
 - Prefetch: :data:`PREFETCH` batches a worker (PyTorch's default); with the paper profile's 7 workers that is
   14 batches ahead, above nnU-Net's 6.
 - Workers start with ``spawn`` (nothing is inherited from the training process: no CUDA context, no threads,

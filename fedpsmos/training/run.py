@@ -62,7 +62,8 @@ def train_from_params(params: Mapping[str, Any], output: Mapping[str, str | Path
         ``patch_size``, ``seed``, ``organs`` (the organs the model outputs), and optionally
         ``preprocessing`` (the resolved ``results/preprocessed/settings.json``, recorded in the checkpoint's
         meta so that ``fedpsmos predict`` can preprocess new scans the same way) and ``threads`` (the job's
-        threads, default 1: with ``training.workers: auto`` the batch workers are ``threads - 1``).
+        threads, default 1: with ``training.workers: auto`` the batch workers are ``threads - 1``
+        on a GPU, none on the CPU).
     output:
         ``model``, ``curve_csv``, ``curve_png`` paths.
     """

@@ -13,11 +13,11 @@ Determinism: batch ``i`` (its sites, rows and augmentation) is a function of ``(
 (:mod:`fedpsmos.training.sampler`), so the trainer state records the iteration counter with the optimiser and
 schedule, and a resumed run draws the same batches whether they are made in the training thread or by any
 number of background workers (:mod:`fedpsmos.training.loader`, ``workers``: config ``training.workers``,
-default the job's threads minus one); initialisation is seeded without touching the global generator. On
-CUDA the batch is augmented on the device with the same generator. The CPU kernels used are deterministic
-for a given thread count, so no global ``torch.use_deterministic_algorithms`` switch is set (it would also
-affect other code in the process). On CUDA, cuDNN may pick non-deterministic kernels, so a resumed GPU run
-matches only to floating-point tolerance.
+default on a GPU the job's threads minus one, on the CPU none); initialisation is seeded without touching the
+global generator. On CUDA the batch is augmented on the device with the same generator. The CPU kernels used
+are deterministic for a given thread count, so no global ``torch.use_deterministic_algorithms`` switch is set
+(it would also affect other code in the process). On CUDA, cuDNN may pick non-deterministic kernels, so a
+resumed GPU run matches only to floating-point tolerance.
 Precision (config ``training.precision``, the rule in :mod:`fedpsmos.precision`): forward pass and loss under
 autocast (``auto``: bf16 on a CUDA GPU that has it, fp16 with a GradScaler, saved with the trainer state, on
 older GPUs, fp32 on the CPU); the model's meta records it. On CUDA ``cudnn.benchmark`` is on, as in nnU-Net.
