@@ -47,16 +47,12 @@ def site_data_from_manifest(
     patches:
         ``results/patches/{site}.parquet``.
     """
-    import json
+    from fedpsmos.data.manifest import Manifest, ManifestError
 
-    manifest = Path(manifest)
     try:
-        data = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SamplerError(f"{manifest}: cannot read manifest ({error})") from None
-    if data.get("site") != site:
-        raise SamplerError(f"{manifest}: manifest of site {data.get('site')!r}, expected {site!r}")
-    train = data.get("train")
-    if not isinstance(train, list) or not train:
+        train = Manifest.load(manifest, site=site).train
+    except ManifestError as error:
+        raise SamplerError(str(error)) from None
+    if not train:
         raise SamplerError(f"{manifest}: no training cases ('train' list)")
     return SiteData(site=site, npz_paths={c: case_path(npz_dir, c) for c in train}, patches=Path(patches))
