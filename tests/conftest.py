@@ -96,6 +96,21 @@ def tiny_network(**overrides: object) -> dict[str, object]:
     return {**network, **overrides}
 
 
+def tiny_training(**overrides: object) -> dict[str, object]:
+    """The tests' short training as config.yaml's ``training`` section (2 patches, 2 iterations an epoch,
+    nnU-Net's SGD settings, augmentation on); ``overrides`` replace keys."""
+    training: dict[str, object] = {
+        "patches_per_iteration": 2,
+        "iterations_per_epoch": 2,
+        "lr": 0.01,
+        "momentum": 0.99,
+        "weight_decay": 3.0e-5,
+        "plateau": {"window": 10, "min_decrease": 0.001, "factor": 0.8},
+        "augmentation": True,
+    }
+    return {**training, **overrides}
+
+
 def tiny_spec(num_classes: int, *, deep_supervision: bool = True, **overrides: object):
     """The tests' tiny real network (:func:`tiny_network`) as a spec with ``num_classes`` outputs."""
     from fedpsmos.network import NetworkSpec

@@ -18,22 +18,13 @@ from fedpsmos.network import (
 )
 from fedpsmos.pipo import PipoUNet, PyramidInputEncoder
 from fedpsmos.training.trainer import Trainer, TrainSettings
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_spec, tiny_training
 from tests.test_sampler import write_site
 
 REPO = Path(__file__).resolve().parent.parent
 ALL = ("liver", "spleen", "pancreas", "kidney_left", "kidney_right")
 MARGINAL = {"marginal": {"dice": 1.0, "ce": 1.0}}  # PIPO's target adaptive loss: the marginal loss
-TRAINING = {
-    "patches_per_iteration": 2,
-    "iterations_per_epoch": 2,
-    "lr": 0.01,
-    "momentum": 0.99,
-    "weight_decay": 3.0e-5,
-    "plateau": {"window": 10, "min_decrease": 0.001, "factor": 0.8},
-    "augmentation": True,
-    "pretrain_epochs": 6,
-}
+TRAINING = tiny_training(pretrain_epochs=6)
 
 
 def ci_network() -> dict:

@@ -22,21 +22,14 @@ from fedpsmos.training.checkpoint import load_checkpoint, save_checkpoint
 from fedpsmos.training.selection import ValidationCase, validation_cases_from_manifest
 from fedpsmos.training.site_data import SiteData
 from fedpsmos.training.trainer import Trainer, TrainSettings
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_spec, tiny_training
 from tests.test_checkpoint import RunsCode
 
 PATCH = (8, 8, 8)
 SPEC = tiny_spec(6)
 LOSS = {"marginal": {"dice": 1.0, "ce": 1.0}, "exclusion": {"ce": 1.0}}
-TRAINING = {
-    "patches_per_iteration": 2,
-    "iterations_per_epoch": 3,
-    "lr": 0.01,
-    "momentum": 0.99,
-    "weight_decay": 3e-5,
-    "plateau": {"window": 1, "min_decrease": 10.0, "factor": 0.8},  # decays every round: the state matters
-    "augmentation": True,
-}
+# The plateau rule decays every round: the schedule's state matters.
+TRAINING = tiny_training(iterations_per_epoch=3, plateau={"window": 1, "min_decrease": 10.0, "factor": 0.8})
 # site1 labels liver and spleen (2 training cases), site2 liver only (3 training cases): weights 2/5, 3/5
 SITES = {"site1": (("liver", "spleen"), 2), "site2": (("liver",), 3)}
 SEED = 3

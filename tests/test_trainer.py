@@ -23,21 +23,12 @@ from fedpsmos.training.selection import (
     validation_cases_from_manifest,
 )
 from fedpsmos.training.trainer import Trainer, TrainingError, TrainSettings
-from tests.conftest import tiny_network
+from tests.conftest import tiny_network, tiny_training
 from tests.test_sampler import write_site
 
 PATCH = (4, 8, 8)
 NETWORK = tiny_network()
-TRAINING = {
-    "patches_per_iteration": 2,
-    "iterations_per_epoch": 2,
-    "lr": 0.01,
-    "momentum": 0.99,
-    "weight_decay": 3.0e-5,
-    "plateau": {"window": 10, "min_decrease": 0.001, "factor": 0.8},
-    "augmentation": True,
-    "pretrain_epochs": 6,
-}
+TRAINING = tiny_training(pretrain_epochs=6)
 LOSS = {"marginal": {"dice": 1.0, "ce": 1.0}, "exclusion": {"dice": 1.0, "ce": 1.0}}
 ALL = ("liver", "spleen", "pancreas", "kidney_left", "kidney_right")
 
