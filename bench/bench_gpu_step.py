@@ -217,7 +217,8 @@ def main() -> None:
             peak_mib(device)
             ours_ms = timed_ms(ours_step(trainer, batch), device, warmup, iterations)
             result["ours_peak_mib"] = peak_mib(device)
-            trainer.train_iterations(warmup)
+            if warmup:  # the trainer refuses a run of 0 iterations
+                trainer.train_iterations(warmup)
             synchronize(device)
             started = time.perf_counter()
             trainer.train_iterations(iterations)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,11 +157,35 @@ def _keep_locale():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The whole workflow (`all`) run once per test session on the tiny config (config/ci.yaml); its
-    working directory. Tests that use it may run more on it but must not remove its results."""
+    working directory. Tests that use it must not change it: they copy it
+    (:func:`tests.workflow_helpers.copy_run`) and run more on the copy, since tests on the other worker may
+    read it at the same time.
+
+    With pytest-xdist each worker has its own session: the first worker that needs the run makes it under a
+    file lock in the folder the workers share, and the others wait for it and use it. A failed run is
+    recorded there too, so the next worker fails at once with Snakemake's output instead of running it
+    again.
+    """
+    from filelock import FileLock
+
     from tests.workflow_helpers import snakemake
 
-    work = tmp_path_factory.mktemp("tiny_run") / "run"
-    snakemake(work, "--cores", "2", "all")
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, above each worker's own
+    base = shared / "tiny_run"
+    work, done, failed = base / "run", base / "done", base / "failed"
+    with FileLock(str(base) + ".lock"):
+        if failed.exists():
+            pytest.fail(f"the tiny run failed on another worker:\n{failed.read_text()}")
+        if not done.exists():
+            base.mkdir(exist_ok=True)
+            try:
+                snakemake(work, "--cores", "2", "all")
+            except AssertionError as error:
+                failed.write_text(str(error))
+                raise
+            done.touch()
     return work
 
 

@@ -23,7 +23,7 @@ def _merged(overlay: str) -> dict:
 
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     update_config(config, yaml.safe_load((REPO / overlay).read_text()))
-    return config
+    return drop_unset(config)  # as common.smk does: a null deletes the key (config/ci.yaml drops sites)
 
 
 @pytest.mark.parametrize("overlay", ["config/paper.yaml", "config/ci.yaml"])

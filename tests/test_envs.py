@@ -123,6 +123,8 @@ def test_env_packages_cover_the_project_runtime_needs() -> None:
         "snakemake",
         "snakemake-executor-plugin-slurm",
         "pytest",
+        "pytest-xdist",
+        "filelock",
         "ruff",
         "snakefmt",
         "mypy",

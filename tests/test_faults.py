@@ -4,10 +4,11 @@ before aggregation, and a site that fails every attempt under each fault policy.
 Every test runs the real Snakefile (``tests/workflow_helpers.py``) in its own working directory, copied from
 the session's finished run of ``config/ci.yaml`` (the ``tiny_run`` fixture; copies keep modification times
 and ``.snakemake`` metadata, so Snakemake sees them as done) and changed only where the fault is injected.
-The kill test adds ``config/faults.yaml`` (jobs long enough for a kill to land inside them) and keeps two of
-the five sites. The catalogues of corrupt checkpoints and of site failures are unit tests of the functions
-the rules call (``tests/test_rounds.py``, ``tests/test_checkpoint.py``). docs/reliability.md lists each
-fault, what happens, and which test proves it.
+The kill test deletes the run's V1 chain and site2's full adaptation, rebuilds them through a series of kills
+and compares every model with the tiny run's own (config/ci.yaml sizes V1 for it: two rounds, site jobs that
+train for a second or two, three adaptation epochs). The catalogues of corrupt checkpoints and of site
+failures are unit tests of the functions the rules call (``tests/test_rounds.py``,
+``tests/test_checkpoint.py``). docs/reliability.md lists each fault, what happens, and which test proves it.
 """
 
 from __future__ import annotations
@@ -27,43 +28,30 @@ import yaml
 
 from fedpsmos.training.checkpoint import load_checkpoint
 from tests.test_checkpoint import RunsCode
-from tests.workflow_helpers import processes_running, snakemake, snakemake_command
+from tests.workflow_helpers import copy_run, processes_running, snakemake, snakemake_command
 
 pytestmark = pytest.mark.workflow
 
-SITES = ["site1", "site2", "site3", "site4", "site5"]
-KILL_SITES = ["site1", "site2"]  # the kill test's federation: every kill lands in a two-site chain
+SITES = ["site1", "site2", "site5"]  # config/ci.yaml's sites
 FED = "results/federated/V1"
 TARGETS = ("results/models/federated/V1/model.pt", "results/models/adapted/full/site2/model.pt")
 COMPARED = (
     f"{FED}/round_1/global.pt",
     f"{FED}/round_2/global.pt",
-    *(f"{FED}/round_{r}/{site}.pt" for r in (1, 2) for site in KILL_SITES),
+    *(f"{FED}/round_{r}/{site}.pt" for r in (1, 2) for site in SITES),
     *TARGETS,
 )
+# What the kill test deletes from its copy of the tiny run: everything the federated V1 chain and site2's
+# full adaptation write (their logs too, so each log read is the rerun's).
+REBUILT = (
+    FED,
+    "results/models/federated/V1",
+    "results/models/adapted/full/site2",
+    "logs/train_site_round/V1",
+    "logs/aggregate_round/V1",
+    "logs/adapt_model/full/site2.log",
+)
 WAIT = 600.0  # seconds: the longest any stage may take on a loaded 2-core machine before the test gives up
-INPUTS = ("raw", "data", "preprocessed", "patches")  # what the kill test keeps of the tiny run
-
-
-@pytest.fixture(scope="module")
-def kill_prefix(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str | Path]]:
-    """The kill test's working directory: the tiny run's data, preprocessed cases and patch indices (nothing
-    trained), then M0 trained with ``config/faults.yaml``; and its overlays (the two sites kept)."""
-    base = tmp_path_factory.mktemp("faults")
-    work = _copy(tiny_run, base / "prefix")
-    for path in [*(work / "results").iterdir(), work / "logs"]:
-        if path.name not in INPUTS:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    dropped = {"sites": {site: None for site in SITES if site not in KILL_SITES}}  # null deletes a key
-    overlays = ["config/ci.yaml", "config/faults.yaml", _overlay(base / "two_sites.yaml", dropped)]
-    snakemake(work, "--cores", "2", "results/models/pretrain/model.pt", overlays=overlays)
-    return work, overlays
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    # copytree keeps modification times (copy2), so nothing upstream looks outdated to Snakemake.
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
 
 
 def _overlay(path: Path, settings: dict) -> Path:
@@ -172,21 +160,22 @@ class Injector:
 
 
 def test_kill9_of_jobs_and_snakemake_resumes_to_the_uninterrupted_models(
-    kill_prefix: tuple[Path, list[str | Path]], tmp_path: Path
+    tiny_run: Path, tmp_path: Path
 ) -> None:
-    # Prepare: one uninterrupted run of the federated chain and one adaptation (CPU, same seed), with one job
-    # at a time like the interrupted run, so its job times tell when a kill lands inside a job
-    prefix, overlays = kill_prefix
-    clean = _copy(prefix, tmp_path / "clean")
-    snakemake(clean, "--cores", "1", *TARGETS, overlays=overlays)
-    site_round = _bench_seconds(clean, "results/benchmarks/train_site_round/V1/round_*/*.tsv")
-    aggregation = _bench_seconds(clean, "results/benchmarks/aggregate_round/V1/round_*.tsv")
-    work = _copy(prefix, tmp_path / "killed")
+    # Prepare: a copy of the tiny run without its V1 chain and site2's full adaptation; the tiny run's own
+    # (uninterrupted, same seed, one thread a job) models are the reference. Its job times tell when a kill
+    # lands inside a job.
+    work = copy_run(tiny_run, tmp_path / "killed")
+    site_round = _bench_seconds(work, "results/benchmarks/train_site_round/V1/round_*/*.tsv")
+    aggregation = _bench_seconds(work, "results/benchmarks/aggregate_round/V1/round_*.tsv")
+    for rel in REBUILT:
+        path = work / rel
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    overlays: list[str | Path] = ["config/ci.yaml"]
     inject = Injector(work, overlays, tmp_path / "snakemake-logs")
     adapted = work / "results/models/adapted/full/site2"
     try:
-        # Execute (a): kill -9 a local training job 60 % into the shortest such job's run time (past the
-        # imports and set-up, inside the local iterations)
+        # Execute (a): kill -9 a local training job 60 % into the shortest such job's run time
         inject.start()
         pid = inject.job_older_than("train_site_round.py", 0.6 * site_round)
         os.kill(pid, signal.SIGKILL)
@@ -229,12 +218,12 @@ def test_kill9_of_jobs_and_snakemake_resumes_to_the_uninterrupted_models(
         inject.cleanup()
 
     # Assert: the adaptation resumed from its epoch checkpoint, and every round and final model is
-    # bit-identical to the uninterrupted run's
+    # bit-identical to the uninterrupted tiny run's
     log = (work / "logs/adapt_model/full/site2.log").read_text()
     assert f"after epoch {resumed_after}" in log and "resuming from" in log
     assert not (adapted / "resume.pt").exists()
     for rel in COMPARED:
-        assert _models_equal(clean / rel, work / rel) == [], rel
+        assert _models_equal(tiny_run / rel, work / rel) == [], rel
     assert processes_running("", work) == []
 
 
@@ -244,7 +233,7 @@ def test_kill9_of_jobs_and_snakemake_resumes_to_the_uninterrupted_models(
 def test_malicious_site_checkpoint_stops_aggregation_with_one_line(tiny_run: Path, tmp_path: Path) -> None:
     # Prepare: site2's round-1 file of the tiny run replaced, after its job ran, by one that runs code when
     # unpickled (tests/test_checkpoint.py shows that it does); the aggregation is now older than its input
-    work = _copy(tiny_run, tmp_path / "run")
+    work = copy_run(tiny_run, tmp_path / "run")
     marker = tmp_path / "pwned"
     site_file = work / FED / "round_1" / "site2.pt"
     payload = load_checkpoint(site_file)
@@ -274,23 +263,23 @@ def _policy_overlay(tmp_path: Path, policy: str) -> Path:
 def test_site_failing_every_attempt_fails_the_round_then_is_dropped_under_skip(
     tiny_run: Path, tmp_path: Path
 ) -> None:
-    # Prepare: the tiny run with site3's patch index overwritten with garbage after it was built: every local
-    # training attempt of site3 fails when it reads the index
-    work = _copy(tiny_run, tmp_path / "run")
-    (work / "results/patches/site3.parquet").write_bytes(b"not a parquet file\n" * 10)
+    # Prepare: the tiny run with site5's patch index overwritten with garbage after it was built: every local
+    # training attempt of site5 fails when it reads the index
+    work = copy_run(tiny_run, tmp_path / "run")
+    (work / "results/patches/site5.parquet").write_bytes(b"not a parquet file\n" * 10)
     downstream = [work / FED / f"round_{r}" / "global.pt" for r in (1, 2)] + [work / TARGETS[0]]
     stamps = [path.stat().st_mtime_ns for path in downstream]
     try:
         # Execute (a): the default policy, fail
         fail = ["config/ci.yaml", _policy_overlay(tmp_path, "fail")]
         result = snakemake(work, "--cores", "2", TARGETS[0], overlays=fail, check=False)
-        # Assert: the workflow fails at site3's round-1 job after all its attempts; site3 has no round-1 file
+        # Assert: the workflow fails at site5's round-1 job after all its attempts; site5 has no round-1 file
         # and nothing after it ran (the round-1 aggregation, round 2 and the final model are the tiny run's)
         assert result.returncode != 0
         assert "Error in rule train_site_round" in result.stdout + result.stderr
-        line = _last_line(work / "logs/train_site_round/V1/round_1/site3.log")
-        assert "RoundError: site site3 round 1: all 2 attempt(s) failed" in line, line
-        assert not (work / FED / "round_1" / "site3.pt").exists()
+        line = _last_line(work / "logs/train_site_round/V1/round_1/site5.log")
+        assert "RoundError: site site5 round 1: all 2 attempt(s) failed" in line, line
+        assert not (work / FED / "round_1" / "site5.pt").exists()
         assert [path.stat().st_mtime_ns for path in downstream] == stamps
         assert "Error in rule aggregate_round" not in result.stdout + result.stderr
 
@@ -301,17 +290,17 @@ def test_site_failing_every_attempt_fails_the_round_then_is_dropped_under_skip(
     finally:
         for pid in processes_running("", work):
             os.kill(pid, signal.SIGKILL)
-    # Assert: each round aggregates the four other sites with renormalised n_k weights and records site3
+    # Assert: each round aggregates the two other sites with renormalised n_k weights and records site5
     for r in (1, 2):
         record = json.loads((work / FED / f"round_{r}" / "record.json").read_text())
-        assert record["policy"] == "skip" and record["failed"] == ["site3"] and record["renormalised"]
-        kept = [s for s in SITES if s != "site3"]
+        assert record["policy"] == "skip" and record["failed"] == ["site5"] and record["renormalised"]
+        kept = [s for s in SITES if s != "site5"]
         assert record["sites"] == kept
         total = sum(record["n_cases"][s] for s in kept)
         assert record["weights"] == pytest.approx({s: record["n_cases"][s] / total for s in kept})
-        site3 = load_checkpoint(work / FED / f"round_{r}" / "site3.pt")["meta"]
-        assert site3["failed"] and site3["attempts"] == 2 and site3["mean_loss"] is None
-        # The global model is the weighted mean of the four kept sites only.
+        site5 = load_checkpoint(work / FED / f"round_{r}" / "site5.pt")["meta"]
+        assert site5["failed"] and site5["attempts"] == 2 and site5["mean_loss"] is None
+        # The global model is the weighted mean of the two kept sites only.
         states = {s: load_checkpoint(work / FED / f"round_{r}" / f"{s}.pt")["model"] for s in kept}
         merged = load_checkpoint(work / FED / f"round_{r}" / "global.pt")["model"]
         for key, value in merged.items():
@@ -319,7 +308,7 @@ def test_site_failing_every_attempt_fails_the_round_then_is_dropped_under_skip(
             torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
         assert (
             "skipped after 2 attempt(s)"
-            in (work / f"logs/train_site_round/V1/round_{r}/site3.log").read_text()
+            in (work / f"logs/train_site_round/V1/round_{r}/site5.log").read_text()
         )
     final = load_checkpoint(work / TARGETS[0])
     assert final["meta"]["kind"] == "federated"

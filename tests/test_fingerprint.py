@@ -218,7 +218,8 @@ def test_dry_run_plans_fingerprint_rules_only_when_something_is_auto(tiny_plan: 
         "results/preprocessed/settings.json" in j["input"] for j in jobs if j["rule"] == "preprocess_case"
     )
     if auto:
-        assert rules.count("site_fingerprint") == 5 and rules.count("merge_fingerprints") == 1
+        # config/ci.yaml's three sites
+        assert rules.count("site_fingerprint") == 3 and rules.count("merge_fingerprints") == 1
         assert settings[0]["input"] == ["results/data/fingerprint.json"]
     else:
         assert "site_fingerprint" not in rules and "merge_fingerprints" not in rules

@@ -37,7 +37,7 @@ ORGANS = ["liver", "spleen", "pancreas", "kidney_left", "kidney_right"]
 SETTINGS = {"spacing": [3.0, 3.0, 3.0], "image_order": 3, "clip": [-80.0, 305.0], "mean": 90.9, "std": 65.5}
 PATCH = [16, 64, 64]
 SPEC = NetworkSpec(
-    features=(8, 16, 32),
+    features=(4, 8, 16),
     strides=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
     kernel_sizes=((3, 3, 3),) * 3,
     conv_per_stage=2,
@@ -45,7 +45,7 @@ SPEC = NetworkSpec(
     num_classes=6,
 )
 # Stated tolerances: at the scan's spacing only float rounding differs; at another spacing the resampling
-# conventions differ as well (measured with this model: 99.995 % and 98.2 % of the voxels agree). Dice is
+# conventions differ as well (measured with this model: 99.997 % and 99.1 % of the voxels agree). Dice is
 # checked for classes of at least ``min_voxels`` voxels in both maps: a small class the briefly trained model
 # is unsure of flips with any change at its boundary (docs/nnunet.md).
 SAME_SPACING = {"agreement": 0.999, "dice": 0.99, "min_voxels": 50}

@@ -21,6 +21,7 @@ from fedpsmos.planning import Plan
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ["site1", "site2", "site3", "site4", "site5"]
+CI_SITES = ["site1", "site2", "site5"]  # config/ci.yaml keeps three
 
 
 def _config(*overlays: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -86,14 +87,14 @@ def test_per_round_config_plans_round_and_aggregation_files() -> None:
         "results/federated/V1/round_2/record.json",
         "results/federated/V1/round_2/global.pt",
     ]
-    assert v1.selection_inputs("site3") == {
-        "private": "results/federated/V1/private/site3/round_2.pt",
+    assert v1.selection_inputs("site5") == {
+        "private": "results/federated/V1/private/site5/round_2.pt",
         "global_model": "results/federated/V1/round_2/global.pt",
     }
-    assert v1.previous_private("site3", 1) == []
-    assert v1.previous_private("site3", 2) == "results/federated/V1/private/site3/round_1.pt"
+    assert v1.previous_private("site5", 1) == []
+    assert v1.previous_private("site5", 2) == "results/federated/V1/private/site5/round_1.pt"
     assert v1.benchmarks() == [
-        *(f"results/benchmarks/train_site_round/V1/round_{r}/{s}.tsv" for r in (1, 2) for s in SITES),
+        *(f"results/benchmarks/train_site_round/V1/round_{r}/{s}.tsv" for r in (1, 2) for s in CI_SITES),
         "results/benchmarks/aggregate_round/V1/round_1.tsv",
         "results/benchmarks/aggregate_round/V1/round_2.tsv",
     ]
@@ -105,20 +106,20 @@ def test_round_inputs_keep_the_privacy_boundary() -> None:
     # Prepare
     plan = _plan("config/ci.yaml")
     v1 = plan.federation("V1")
-    # Execute: what aggregation of round 2 and site3's local round 2 read
+    # Execute: what aggregation of round 2 and site5's local round 2 read
     aggregation = [*v1.site_models(2), v1.global_model(1)]
-    site = plan.site_inputs("site3")
+    site = plan.site_inputs("site5")
     local = [
         site["manifest"],
         site["patches"],
         *site["cases"],
         v1.global_model(1),
-        v1.previous_private("site3", 2),
+        v1.previous_private("site5", 2),
     ]
     # Assert
     assert aggregator_input_violations(aggregation) == []
-    assert site_input_violations(local, "site3", SITES) == []
-    assert site_input_violations(plan.site_inputs("site2")["cases"], "site3", SITES) != []
+    assert site_input_violations(local, "site5", CI_SITES) == []
+    assert site_input_violations(plan.site_inputs("site2")["cases"], "site5", CI_SITES) != []
 
 
 # ---------------------------------------------------------------- data
@@ -162,17 +163,17 @@ def test_missing_real_folder_is_named_when_cases_are_listed(tmp_path: Path) -> N
 def test_site_inputs_and_descriptor_name_one_site() -> None:
     plan = _plan("config/ci.yaml")
 
-    inputs = plan.site_inputs("site4")
-    descriptor = plan.site_descriptor("site4")
+    inputs = plan.site_inputs("site5")
+    descriptor = plan.site_descriptor("site5")
 
-    assert inputs["manifest"] == descriptor["manifest"] == "results/data/site4/manifest.json"
-    assert inputs["patches"] == descriptor["patches"] == "results/patches/site4.parquet"
-    assert inputs["cases"] == [f"results/preprocessed/site4/site4_00{i}.b2zip" for i in range(3)]
-    assert plan.prediction_inputs("site4") == {  # the cases through the patch index, not one edge each
-        "manifest": "results/data/site4/manifest.json",
-        "patches": "results/patches/site4.parquet",
+    assert inputs["manifest"] == descriptor["manifest"] == "results/data/site5/manifest.json"
+    assert inputs["patches"] == descriptor["patches"] == "results/patches/site5.parquet"
+    assert inputs["cases"] == [f"results/preprocessed/site5/site5_00{i}.b2zip" for i in range(3)]
+    assert plan.prediction_inputs("site5") == {  # the cases through the patch index, not one edge each
+        "manifest": "results/data/site5/manifest.json",
+        "patches": "results/patches/site5.parquet",
     }
-    assert descriptor["npz_dir"] == "results/preprocessed/site4"
+    assert descriptor["npz_dir"] == "results/preprocessed/site5"
     assert plan.full_sites == ["site1"]
     assert plan.sites_inputs(["site1"])[:2] == [
         "results/data/site1/manifest.json",
@@ -187,7 +188,7 @@ def test_model_file_is_the_selected_model_only_where_a_site_validates() -> None:
     # Prepare: site2 holds out no validation cases
     plan = _plan("config/ci.yaml", extra={"sites": {"site2": {"split": {"validation_cases": 0}}}})
     # Execute / Assert
-    assert plan.model_file("federated/V2", "site3") == "results/models/federated/V2/selected/site3.pt"
+    assert plan.model_file("federated/V2", "site1") == "results/models/federated/V2/selected/site1.pt"
     assert plan.model_file("federated/V2", "site2") == "results/models/federated/V2/model.pt"
     assert plan.model_file("adapted/decoder", "site2") == "results/models/adapted/decoder/site2/model.pt"
     assert plan.model_file("site_alone", "site5") == "results/models/site_alone/site5/model.pt"
@@ -266,9 +267,9 @@ def test_final_output_is_the_paper_and_every_site_preview() -> None:
 
     final = plan.final_output()
 
-    assert len(final) == 15 + 4 + 5 and len(set(final)) == len(final)
+    assert len(final) == 15 + 4 + 3 and len(set(final)) == len(final)
     assert "results/paper/table5.tex" in final and "results/paper/fig_qualitative.png" in final
-    assert final[-5:] == [f"results/data/{s}/preview.png" for s in SITES]
+    assert final[-3:] == [f"results/data/{s}/preview.png" for s in CI_SITES]
 
 
 # ---------------------------------------------------------------- the plan against the rules
@@ -304,7 +305,7 @@ def test_every_planned_file_is_some_rules_output(overlays: tuple[str, ...]) -> N
     patterns = _rule_patterns()
     # Execute: what the plan hands to rules as inputs and benchmark lists
     planned = [*plan.final_output(), *plan.all_metrics(), *plan.all_predictions(), *plan.training_curves()]
-    planned += [*plan.federated_curves(), *plan.table5_benchmark_list(), *plan.sites_inputs(SITES)]
+    planned += [*plan.federated_curves(), *plan.table5_benchmark_list(), *plan.sites_inputs(plan.sites)]
     planned += [plan.model_file(m, s) for m, s in plan.evaluated_pairs()]
     for setting in plan.settings:
         federation = plan.federation(setting)

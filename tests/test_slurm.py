@@ -34,7 +34,7 @@ GPU_RULES = {
 }
 
 # Smallest target of config/ci.yaml on the CI cluster; every SLURM job costs seconds of polling.
-CI_SLURM_TARGET = "results/evaluation/adapted/decoder/site3/metrics.csv"
+CI_SLURM_TARGET = "results/evaluation/adapted/decoder/site5/metrics.csv"
 # Upper bound of one snakemake run on the CI cluster; SIGINT, because the executor ignores SIGTERM.
 SLURM_RUN_TIMEOUT_S = 900
 

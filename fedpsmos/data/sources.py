@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpsmos.data.synthetic import default_case_ids
 from fedpsmos.data.templates import CASE_ID, FILE_ENDINGS, FileTemplate, TemplateError, parse_files
 
 SOURCES = ("synthetic", "nnunet", "msd", "files")
@@ -205,5 +204,9 @@ def case_ids(
     if source == "synthetic":
         if spec is None:
             raise DataError(f"site {site}: a synthetic source needs its 'synthetic' spec")
+        # Imported here: the phantom generator behind it (scipy.ndimage) is not needed by the many jobs
+        # that only read a manifest, and each job is a new process that pays its imports.
+        from fedpsmos.data.synthetic import default_case_ids
+
         return default_case_ids(site, spec)
     return [c.case for c in list_cases(source, root, site=site, files=files)]
