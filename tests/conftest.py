@@ -154,6 +154,18 @@ def _keep_locale():
         locale.setlocale(locale.LC_ALL, saved)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that use the shared tiny run first, the rest in pytest's order.
+
+    With the two pytest-xdist workers taking whole modules in this order (``--no-loadscope-reorder``), the
+    first worker makes the run while the other waits for it, so the run has both cores to itself; then the
+    modules that use it (the kill test alone in one) are split between the workers, and the unit tests fill
+    the rest. Measured on 2 cores: 6 min 45 s in pytest's order (the run made after the unit tests, the fault
+    tests then on one worker) and 7 min 03 s to 7 min 15 s with unit tests running beside the run.
+    """
+    items.sort(key=lambda item: "tiny_run" not in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The whole workflow (`all`) run once per test session on the tiny config (config/ci.yaml); its

@@ -1,25 +1,20 @@
-"""Faults met by the running workflow: kill -9 of jobs and of Snakemake itself, a malicious site checkpoint
-before aggregation, and a site that fails every attempt under each fault policy. One test per fault family.
+"""Faults met by the running workflow: a malicious site checkpoint before aggregation, and a site that fails
+every attempt under each fault policy. One test per fault family; kill -9 of jobs and of Snakemake is
+``tests/test_kill.py``.
 
 Every test runs the real Snakefile (``tests/workflow_helpers.py``) in its own working directory, copied from
 the session's finished run of ``config/ci.yaml`` (the ``tiny_run`` fixture; copies keep modification times
 and ``.snakemake`` metadata, so Snakemake sees them as done) and changed only where the fault is injected.
-The kill test deletes the run's V1 chain and site2's full adaptation, rebuilds them through a series of kills
-and compares every model with the tiny run's own (config/ci.yaml sizes V1 for it: two rounds, site jobs that
-train for a second or two, three adaptation epochs). The catalogues of corrupt checkpoints and of site
-failures are unit tests of the functions the rules call (``tests/test_rounds.py``,
-``tests/test_checkpoint.py``). docs/reliability.md lists each fault, what happens, and which test proves it.
+The catalogues of corrupt checkpoints and of site failures are unit tests of the functions the rules call
+(``tests/test_rounds.py``, ``tests/test_checkpoint.py``). docs/reliability.md lists each fault, what happens,
+and which test proves it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,30 +23,13 @@ import yaml
 
 from fedpsmos.training.checkpoint import load_checkpoint
 from tests.test_checkpoint import RunsCode
-from tests.workflow_helpers import copy_run, processes_running, snakemake, snakemake_command
+from tests.workflow_helpers import copy_run, processes_running, snakemake
 
 pytestmark = pytest.mark.workflow
 
 SITES = ["site1", "site2", "site5"]  # config/ci.yaml's sites
 FED = "results/federated/V1"
-TARGETS = ("results/models/federated/V1/model.pt", "results/models/adapted/full/site2/model.pt")
-COMPARED = (
-    f"{FED}/round_1/global.pt",
-    f"{FED}/round_2/global.pt",
-    *(f"{FED}/round_{r}/{site}.pt" for r in (1, 2) for site in SITES),
-    *TARGETS,
-)
-# What the kill test deletes from its copy of the tiny run: everything the federated V1 chain and site2's
-# full adaptation write (their logs too, so each log read is the rerun's).
-REBUILT = (
-    FED,
-    "results/models/federated/V1",
-    "results/models/adapted/full/site2",
-    "logs/train_site_round/V1",
-    "logs/aggregate_round/V1",
-    "logs/adapt_model/full/site2.log",
-)
-WAIT = 600.0  # seconds: the longest any stage may take on a loaded 2-core machine before the test gives up
+FEDERATED_MODEL = "results/models/federated/V1/model.pt"
 
 
 def _overlay(path: Path, settings: dict) -> Path:
@@ -59,175 +37,12 @@ def _overlay(path: Path, settings: dict) -> Path:
     return path
 
 
-def _models_equal(a: Path, b: Path) -> list[str]:
-    """Names of the model tensors that differ between two checkpoints (empty: bit-identical)."""
-    left, right = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
-    assert left.keys() == right.keys(), (a, b)
-    return [k for k in left if not torch.equal(left[k], right[k])]
-
-
 def _last_line(log: Path) -> str:
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
-def _bench_seconds(work: Path, pattern: str) -> float:
-    """Shortest wall time (s) of finished jobs, from their Snakemake benchmark files."""
-    times = [float(p.read_text().splitlines()[1].split("\t")[0]) for p in work.glob(pattern)]
-    assert times, pattern
-    return min(times)
-
-
-# ------------------------------------------------------------------------------------------- 1. kill -9
-
-
-class Injector:
-    """Starts Snakemake runs in one working directory and kills what it is told to, with bounded waits.
-
-    ``cleanup`` kills the run and every job process of this working directory that is still alive, so a
-    failing test leaves nothing behind.
-    """
-
-    def __init__(self, work: Path, overlays: list[str | Path], logs: Path) -> None:
-        self.work, self.overlays, self.logs = work, overlays, logs
-        self.run: subprocess.Popen[bytes] | None = None
-        self.count = 0
-
-    def start(self, *extra: str) -> subprocess.Popen[bytes]:
-        """Start ``snakemake --cores 1 TARGETS`` (one job at a time, so each kill hits a known job)."""
-        self.count += 1
-        cmd = snakemake_command(self.work, "--cores", "1", *extra, *TARGETS, overlays=self.overlays)
-        self.logs.mkdir(parents=True, exist_ok=True)
-        with open(self.logs / f"run{self.count}.log", "wb") as out:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            self.run = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.work.parent
-            )
-        return self.run
-
-    def output(self) -> str:
-        """The current run's Snakemake output."""
-        return (self.logs / f"run{self.count}.log").read_text(errors="replace")
-
-    def wait_until(self, what: str, ready: Callable[[], int | None]) -> int:
-        """Poll ``ready`` until it returns a PID (or other non-None value); fail if the run ends first."""
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            found = ready()
-            if found is not None:
-                return found
-            assert self.run is not None
-            if self.run.poll() is not None:
-                pytest.fail(f"run ended ({self.run.returncode}) before {what}:\n{self.output()[-3000:]}")
-            time.sleep(0.05)
-        pytest.fail(f"timed out waiting for {what}")
-
-    def job_older_than(self, script: str, seconds: float, when: Callable[[], bool] = lambda: True) -> int:
-        """PID of a job running ``script`` that has been alive ``seconds`` (first seen by this poller)."""
-        seen: dict[int, float] = {}
-
-        def ready() -> int | None:
-            now = time.monotonic()
-            for pid in processes_running(script, self.work) if when() else []:
-                if now - seen.setdefault(pid, now) >= seconds:
-                    return pid
-            return None
-
-        return self.wait_until(f"a {script} job alive for {seconds:.1f} s", ready)
-
-    def wait_exit(self) -> int:
-        """Wait for the current Snakemake run to end; its exit status."""
-        assert self.run is not None
-        return self.run.wait(timeout=WAIT)
-
-    def wait_jobs_gone(self) -> None:
-        """Wait for job processes orphaned by a killed Snakemake to finish by themselves."""
-        deadline = time.monotonic() + WAIT
-        while processes_running("", self.work):
-            assert time.monotonic() < deadline, "orphaned jobs did not finish"
-            time.sleep(0.2)
-
-    def cleanup(self) -> None:
-        """Kill the run and every remaining job process of this working directory."""
-        if self.run is not None and self.run.poll() is None:
-            self.run.kill()
-            self.run.wait(timeout=60)
-        for pid in processes_running("", self.work):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def test_kill9_of_jobs_and_snakemake_resumes_to_the_uninterrupted_models(
-    tiny_run: Path, tmp_path: Path
-) -> None:
-    # Prepare: a copy of the tiny run without its V1 chain and site2's full adaptation; the tiny run's own
-    # (uninterrupted, same seed, one thread a job) models are the reference. Its job times tell when a kill
-    # lands inside a job.
-    work = copy_run(tiny_run, tmp_path / "killed")
-    site_round = _bench_seconds(work, "results/benchmarks/train_site_round/V1/round_*/*.tsv")
-    aggregation = _bench_seconds(work, "results/benchmarks/aggregate_round/V1/round_*.tsv")
-    for rel in REBUILT:
-        path = work / rel
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    overlays: list[str | Path] = ["config/ci.yaml"]
-    inject = Injector(work, overlays, tmp_path / "snakemake-logs")
-    adapted = work / "results/models/adapted/full/site2"
-    try:
-        # Execute (a): kill -9 a local training job 60 % into the shortest such job's run time
-        inject.start()
-        pid = inject.job_older_than("train_site_round.py", 0.6 * site_round)
-        os.kill(pid, signal.SIGKILL)
-        assert inject.wait_exit() != 0
-        assert "Error in rule train_site_round" in inject.output()
-
-        # Execute (b): kill -9 an aggregation job
-        inject.start("--rerun-incomplete")
-        pid = inject.job_older_than("aggregate_round.py", 0.5 * aggregation)
-        os.kill(pid, signal.SIGKILL)
-        assert inject.wait_exit() != 0
-        assert "Error in rule aggregate_round" in inject.output()
-
-        # Execute (d): kill -9 Snakemake itself while a round-2 site job runs; the job is orphaned
-        run = inject.start("--rerun-incomplete")
-        round_1_done = (work / FED / "round_1" / "global.pt").exists
-        inject.job_older_than("train_site_round.py", 0.3 * site_round, when=round_1_done)
-        os.kill(run.pid, signal.SIGKILL)
-        assert inject.wait_exit() == -signal.SIGKILL
-        inject.wait_jobs_gone()
-        assert (work / ".snakemake" / "locks").exists() and any((work / ".snakemake" / "locks").iterdir())
-        snakemake(work, "--unlock", *TARGETS, overlays=overlays)  # what a user does after a crash
-
-        # Execute (c): kill -9 the adaptation mid-epoch, once its first epoch's resume.pt exists
-        inject.start("--rerun-incomplete")
-        inject.wait_until("adaptation's resume.pt", lambda: 0 if (adapted / "resume.pt").exists() else None)
-        pids = processes_running("train_model.py", work)
-        assert pids, "the adaptation finished before it could be killed"
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        assert inject.wait_exit() != 0
-        assert "Error in rule adapt_model" in inject.output()
-        assert not (adapted / "model.pt").exists()
-        resumed_after = load_checkpoint(adapted / "resume.pt")["epoch"]
-
-        # Execute: the rerun a user types
-        inject.start("--rerun-incomplete")
-        assert inject.wait_exit() == 0, inject.output()[-3000:]
-    finally:
-        inject.cleanup()
-
-    # Assert: the adaptation resumed from its epoch checkpoint, and every round and final model is
-    # bit-identical to the uninterrupted tiny run's
-    log = (work / "logs/adapt_model/full/site2.log").read_text()
-    assert f"after epoch {resumed_after}" in log and "resuming from" in log
-    assert not (adapted / "resume.pt").exists()
-    for rel in COMPARED:
-        assert _models_equal(tiny_run / rel, work / rel) == [], rel
-    assert processes_running("", work) == []
-
-
-# ---------------------------------------------------------------------------- 2. a malicious site checkpoint
+# ---------------------------------------------------------------------------- 1. a malicious site checkpoint
 
 
 def test_malicious_site_checkpoint_stops_aggregation_with_one_line(tiny_run: Path, tmp_path: Path) -> None:
@@ -253,7 +68,7 @@ def test_malicious_site_checkpoint_stops_aggregation_with_one_line(tiny_run: Pat
     assert not marker.exists(), "the malicious pickle ran code"
 
 
-# ------------------------------------------------------------------------------ 3. a site that always fails
+# ------------------------------------------------------------------------------ 2. a site that always fails
 
 
 def _policy_overlay(tmp_path: Path, policy: str) -> Path:
@@ -267,12 +82,12 @@ def test_site_failing_every_attempt_fails_the_round_then_is_dropped_under_skip(
     # training attempt of site5 fails when it reads the index
     work = copy_run(tiny_run, tmp_path / "run")
     (work / "results/patches/site5.parquet").write_bytes(b"not a parquet file\n" * 10)
-    downstream = [work / FED / f"round_{r}" / "global.pt" for r in (1, 2)] + [work / TARGETS[0]]
+    downstream = [work / FED / f"round_{r}" / "global.pt" for r in (1, 2)] + [work / FEDERATED_MODEL]
     stamps = [path.stat().st_mtime_ns for path in downstream]
     try:
         # Execute (a): the default policy, fail
         fail = ["config/ci.yaml", _policy_overlay(tmp_path, "fail")]
-        result = snakemake(work, "--cores", "2", TARGETS[0], overlays=fail, check=False)
+        result = snakemake(work, "--cores", "2", FEDERATED_MODEL, overlays=fail, check=False)
         # Assert: the workflow fails at site5's round-1 job after all its attempts; site5 has no round-1 file
         # and nothing after it ran (the round-1 aggregation, round 2 and the final model are the tiny run's)
         assert result.returncode != 0
@@ -285,7 +100,11 @@ def test_site_failing_every_attempt_fails_the_round_then_is_dropped_under_skip(
 
         # Execute (b): what the user does next: the skip policy, and the same command
         snakemake(
-            work, "--cores", "2", TARGETS[0], overlays=["config/ci.yaml", _policy_overlay(tmp_path, "skip")]
+            work,
+            "--cores",
+            "2",
+            FEDERATED_MODEL,
+            overlays=["config/ci.yaml", _policy_overlay(tmp_path, "skip")],
         )
     finally:
         for pid in processes_running("", work):
@@ -310,5 +129,5 @@ def test_site_failing_every_attempt_fails_the_round_then_is_dropped_under_skip(
             "skipped after 2 attempt(s)"
             in (work / f"logs/train_site_round/V1/round_{r}/site5.log").read_text()
         )
-    final = load_checkpoint(work / TARGETS[0])
+    final = load_checkpoint(work / FEDERATED_MODEL)
     assert final["meta"]["kind"] == "federated"
