@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -117,6 +119,17 @@ def tiny_spec(num_classes: int, *, deep_supervision: bool = True, **overrides: o
     from fedpsmos.network import NetworkSpec
 
     return NetworkSpec.from_config(tiny_network(deep_supervision=deep_supervision, **overrides), num_classes)
+
+
+def load_bench(name: str) -> ModuleType:
+    """The script ``bench/{name}.py`` imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None, name
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_bench
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-run_all = _load("run_all")
-bench_dryrun = _load("bench_dryrun")
+run_all = load_bench("run_all")
+bench_dryrun = load_bench("bench_dryrun")
 
 GOOD = """import argparse, json
 p = argparse.ArgumentParser(); p.add_argument("--quick", action="store_true"); a = p.parse_args()

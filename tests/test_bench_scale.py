@@ -3,7 +3,6 @@ benchmark's behaviour without a GPU and on the CPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,17 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_bench
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-run_all = _load("run_all")
+run_all = load_bench("run_all")
 
 PIPELINE = {
     "patch": [80, 160, 128], "enlarged_patch": [175, 238, 177], "batch": 2, "workers": 1,

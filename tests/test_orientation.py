@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -31,7 +30,7 @@ from fedpsmos.preprocessing.orientation import (
 from fedpsmos.preprocessing.storage import read_case
 from fedpsmos.training.augmentation import AugmentationSettings, augment_batch
 from fedpsmos.training.checkpoint import save_checkpoint
-from tests.conftest import tiny_spec
+from tests.conftest import load_bench, tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
@@ -296,18 +295,9 @@ def test_real_ct_in_three_orientations(tmp_path):
     assert kidneys[0] < kidneys[1]
 
 
-def _experiment():
-    spec = importlib.util.spec_from_file_location(
-        "laterality_experiment", REPO / "bench" / "laterality_experiment.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tiny_network_tells_the_kidneys_apart_by_side():
     # Prepare: a phantom whose two kidneys are identical but for their side; fedpsmos' mirroring (not x).
-    experiment = _experiment()
+    experiment = load_bench("laterality_experiment")
     # Execute (one torch thread, set by the conftest fixture)
     net = experiment.train("no_lr_flip", iterations=300, seed=0)
     dice = experiment.kidney_dice(net)
