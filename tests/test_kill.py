@@ -3,10 +3,11 @@ fault family of docs/reliability.md (the others: ``tests/test_faults.py``).
 
 It runs the real Snakefile (``tests/workflow_helpers.py``) on a copy of the session's finished run of
 ``config/ci.yaml`` (the ``tiny_run`` fixture; copies keep modification times and ``.snakemake`` metadata, so
-Snakemake sees them as done). It deletes the run's V1 chain and site2's full adaptation, rebuilds them through
-a series of kills and compares every model with the tiny run's own (config/ci.yaml sizes V1 for it: two
-rounds, site jobs that train for a second or two, three adaptation epochs). It is a module of its own so that,
-at about a minute and a half, it runs on one test worker while the other fault tests run on the other.
+Snakemake sees them as done). It deletes the last round of the run's V1 chain, V1's final model and site2's
+full adaptation, rebuilds them through a series of kills and compares every model with the tiny run's own
+(config/ci.yaml sizes V1 for it: two rounds, site jobs that train for a second or two, three adaptation
+epochs). Round 1 runs the same rules and code as round 2, so it is not rebuilt. It is a module of its own so
+that, at about a minute, it runs on one test worker while the other fault tests run on the other.
 """
 
 from __future__ import annotations
@@ -29,20 +30,16 @@ from tests.workflow_helpers import copy_run, processes_running, snakemake, snake
 pytestmark = pytest.mark.workflow
 
 TARGETS = (FEDERATED_MODEL, "results/models/adapted/full/site2/model.pt")
-COMPARED = (
-    f"{FED}/round_1/global.pt",
-    f"{FED}/round_2/global.pt",
-    *(f"{FED}/round_{r}/{site}.pt" for r in (1, 2) for site in SITES),
-    *TARGETS,
-)
-# What the kill test deletes from its copy of the tiny run: everything the federated V1 chain and site2's
-# full adaptation write (their logs too, so each log read is the rerun's).
+COMPARED = (f"{FED}/round_2/global.pt", *(f"{FED}/round_2/{site}.pt" for site in SITES), *TARGETS)
+# What the kill test deletes from its copy of the tiny run: everything round 2 of V1, V1's final model and
+# site2's full adaptation write (their logs too, so each log read is the rerun's).
 REBUILT = (
-    FED,
+    f"{FED}/round_2",
+    *(f"{FED}/private/{site}/round_2.pt" for site in SITES),
     "results/models/federated/V1",
     "results/models/adapted/full/site2",
-    "logs/train_site_round/V1",
-    "logs/aggregate_round/V1",
+    "logs/train_site_round/V1/round_2",
+    "logs/aggregate_round/V1/round_2.log",
     "logs/adapt_model/full/site2.log",
 )
 WAIT = 600.0  # seconds: the longest any stage may take on a loaded 2-core machine before the test gives up
@@ -143,12 +140,12 @@ class Injector:
 def test_kill9_of_jobs_and_snakemake_resumes_to_the_uninterrupted_models(
     tiny_run: Path, tmp_path: Path
 ) -> None:
-    # Prepare: a copy of the tiny run without its V1 chain and site2's full adaptation; the tiny run's own
+    # Prepare: a copy of the tiny run without V1's round 2 and site2's full adaptation; the tiny run's own
     # (uninterrupted, same seed, one thread a job) models are the reference. Its job times tell when a kill
     # lands inside a job.
     work = copy_run(tiny_run, tmp_path / "killed")
-    site_round = _bench_seconds(work, "results/benchmarks/train_site_round/V1/round_*/*.tsv")
-    aggregation = _bench_seconds(work, "results/benchmarks/aggregate_round/V1/round_*.tsv")
+    site_round = _bench_seconds(work, "results/benchmarks/train_site_round/V1/round_2/*.tsv")
+    aggregation = _bench_seconds(work, "results/benchmarks/aggregate_round/V1/round_2.tsv")
     for rel in REBUILT:
         path = work / rel
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -156,29 +153,28 @@ def test_kill9_of_jobs_and_snakemake_resumes_to_the_uninterrupted_models(
     inject = Injector(work, overlays, tmp_path / "snakemake-logs")
     adapted = work / "results/models/adapted/full/site2"
     try:
-        # Execute (a): kill -9 a local training job 60 % into the shortest such job's run time
+        # Execute (a): kill -9 a round-2 training job 60 % into the shortest such job's run time
         inject.start()
         pid = inject.job_older_than("train_site_round.py", 0.6 * site_round)
         os.kill(pid, signal.SIGKILL)
         assert inject.wait_exit() != 0
         assert "Error in rule train_site_round" in inject.output()
 
-        # Execute (b): kill -9 an aggregation job
-        inject.start("--rerun-incomplete")
-        pid = inject.job_older_than("aggregate_round.py", 0.5 * aggregation)
-        os.kill(pid, signal.SIGKILL)
-        assert inject.wait_exit() != 0
-        assert "Error in rule aggregate_round" in inject.output()
-
         # Execute (d): kill -9 Snakemake itself while a round-2 site job runs; the job is orphaned
         run = inject.start("--rerun-incomplete")
-        round_1_done = (work / FED / "round_1" / "global.pt").exists
-        inject.job_older_than("train_site_round.py", 0.3 * site_round, when=round_1_done)
+        inject.job_older_than("train_site_round.py", 0.3 * site_round)
         os.kill(run.pid, signal.SIGKILL)
         assert inject.wait_exit() == -signal.SIGKILL
         inject.wait_jobs_gone()
         assert (work / ".snakemake" / "locks").exists() and any((work / ".snakemake" / "locks").iterdir())
         snakemake(work, "--unlock", *TARGETS, overlays=overlays)  # what a user does after a crash
+
+        # Execute (b): kill -9 the aggregation (after the orphaned job's round file is made again: incomplete)
+        inject.start("--rerun-incomplete")
+        pid = inject.job_older_than("aggregate_round.py", 0.5 * aggregation)
+        os.kill(pid, signal.SIGKILL)
+        assert inject.wait_exit() != 0
+        assert "Error in rule aggregate_round" in inject.output()
 
         # Execute (c): kill -9 the adaptation mid-epoch, once its first epoch's resume.pt exists
         inject.start("--rerun-incomplete")

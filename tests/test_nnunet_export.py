@@ -45,7 +45,7 @@ SPEC = NetworkSpec(
     num_classes=6,
 )
 # Stated tolerances: at the scan's spacing only float rounding differs; at another spacing the resampling
-# conventions differ as well (measured with this model: 99.997 % and 99.1 % of the voxels agree). Dice is
+# conventions differ as well (measured with this model: 99.996 % and 98.95 % of the voxels agree). Dice is
 # checked for classes of at least ``min_voxels`` voxels in both maps: a small class the briefly trained model
 # is unsure of flips with any change at its boundary (docs/nnunet.md).
 SAME_SPACING = {"agreement": 0.999, "dice": 0.99, "min_voxels": 50}
@@ -122,7 +122,7 @@ def test_checkpoint_without_settings_is_one_line_naming_it(tmp_path, capsys, mis
     assert not out.exists()
 
 
-def _train(steps: int = 60) -> torch.nn.Module:
+def _train(steps: int = 30) -> torch.nn.Module:
     """A small PlainConvUNet fitted to the real sample for ``steps`` iterations (LPS arrays, 3 mm)."""
     image = reorient(sitk.ReadImage(str(IMAGE)))
     x = torch.from_numpy(image_to_network_grid(image, IMAGE, **SETTINGS))

@@ -306,11 +306,13 @@ def test_ci_workflow_target_runs_on_slurm(tmp_path: Path, slurm_cluster: None) -
         pytest.skip("config/ci.yaml not written yet")
     record = tmp_path / "sbatch_calls.txt"
     env = sbatch_recorder(tmp_path / "bin", record)
-    # The adapted model comes from V2, one round: profiles/slurm-ci groups a round's site jobs and the
-    # aggregation, which holds for a one-round chain only (a second round's site jobs would sit between two
-    # jobs of one group). The target goes before --configfile, which takes every following word as a file.
+    # The adapted model comes from a one-round setting (V2 here, 20 local iterations): profiles/slurm-ci
+    # groups a round's site jobs and the aggregation, which holds for a one-round chain only (a second round's
+    # site jobs would sit between two jobs of one group). The target goes before --configfile, which takes
+    # every following word as a file.
     one_round = tmp_path / "one_round.yaml"
-    one_round.write_text(yaml.safe_dump({"federated": {"default": "V2"}}))
+    federated = {"settings": {"V1": None, "V2": {"local_iterations": 20, "rounds": 1}}, "default": "V2"}
+    one_round.write_text(yaml.safe_dump({"federated": federated}))
     args = [CI_SLURM_TARGET, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path)]
     args += ["--configfile", str(REPO / "config.yaml"), str(REPO / "config" / "ci.yaml"), str(one_round)]
     # Execute
