@@ -138,7 +138,8 @@ def evaluate_site(
     Parameters
     ----------
     predictions_dir:
-        ``{case}.nii.gz`` in global classes and original geometry (:func:`fedpsmos.inference.predict.predict_site`).
+        ``{case}.nii.gz`` in global classes and original geometry
+        (:func:`fedpsmos.inference.predict.predict_site`).
     manifest_path:
         The site's manifest (test split and raw label paths).
     labels:
