@@ -188,8 +188,8 @@ def test_model_file_is_the_selected_model_only_where_a_site_validates() -> None:
     # Prepare: site2 holds out no validation cases
     plan = _plan("config/ci.yaml", extra={"sites": {"site2": {"split": {"validation_cases": 0}}}})
     # Execute / Assert
-    assert plan.model_file("federated/V2", "site1") == "results/models/federated/V2/selected/site1.pt"
-    assert plan.model_file("federated/V2", "site2") == "results/models/federated/V2/model.pt"
+    assert plan.model_file("federated/V1", "site1") == "results/models/federated/V1/selected/site1.pt"
+    assert plan.model_file("federated/V1", "site2") == "results/models/federated/V1/model.pt"
     assert plan.model_file("adapted/decoder", "site2") == "results/models/adapted/decoder/site2/model.pt"
     assert plan.model_file("site_alone", "site5") == "results/models/site_alone/site5/model.pt"
     assert plan.model_file("central/dice_ce", "site5") == "results/models/central/dice_ce/model.pt"
